@@ -1,0 +1,1 @@
+"""paralab.core: configuration, devices, strategies, runs and events.  No Qt here."""

@@ -1,0 +1,263 @@
+"""The `paralab` command line: run, estimate, devices, presets (and gui, added by paralab.gui).
+
+Exit status: 0 finished, 1 the run failed (out of memory, crashed rank), 2 bad input
+(the problem on stderr, no traceback), 130 stopped by Ctrl-C, 143 stopped by SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from .config import ConfigError, RunConfig, field_docs, human_bytes
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class BadInput(Exception):
+    """Raised for input problems; main() prints the sentence and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
+        raise BadInput(f"{message} (see paralab {self.prog.split()[-1]} --help)" if " " in self.prog else message)
+
+
+def add_config_args(p: argparse.ArgumentParser, overrides: bool = True) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", metavar="NAME", help="start from a preset (see: paralab presets)")
+    src.add_argument("--config", metavar="FILE", help="start from a TOML config file")
+    if overrides:
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. --set train.lr=0.01; keys: "
+                            + ", ".join(field_docs()))
+
+
+def load_config(args: argparse.Namespace) -> RunConfig:
+    """The config an invocation names, overrides applied and checked (BadInput otherwise)."""
+    from . import presets
+
+    try:
+        if getattr(args, "preset", None):
+            cfg = presets.load(args.preset)
+        elif getattr(args, "config", None):
+            cfg = RunConfig.load(args.config)
+        else:
+            cfg = RunConfig()
+        cfg = cfg.with_overrides(getattr(args, "overrides", []) or [])
+    except ConfigError as e:
+        raise BadInput(str(e)) from None
+    problems = cfg.validate()
+    if problems:
+        raise BadInput("\n".join(problems))
+    return cfg
+
+
+def build_parser(extra: dict[str, Callable[[argparse.ArgumentParser], None]] | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="paralab", description="A desktop lab for multi-GPU parallelism in PyTorch.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    for name, setup in (extra or {}).items():
+        setup(sub.add_parser(name))
+    p = sub.add_parser("run", help="train headless, printing progress and writing events")
+    add_config_args(p)
+    p.add_argument("--metrics", metavar="FILE.jsonl", help="write every event to this file as it happens")
+    p.add_argument("--quiet", action="store_true", help="print only the result")
+    p = sub.add_parser("estimate", help="predict each device's peak memory by category")
+    add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--method", choices=("both", "formula", "trace"), default="both",
+                   help="formula, trace one step on fake tensors, or both (default)")
+    p = sub.add_parser("devices", help="list the GPUs and what 'auto' means here")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("presets", help="list the presets")
+    return parser
+
+
+def main(argv: list[str] | None = None,
+         extra: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] | None = None,
+         default: str = "run") -> int:
+    """Entry point; `extra` adds subcommands (name: (set up parser, run)) from outside core."""
+    extra = extra or {}
+    parser = build_parser({name: setup for name, (setup, _) in extra.items()})
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+        command = args.command or default
+        if command in extra:
+            return extra[command][1](args)
+        if command == "run":
+            return cmd_run(args)
+        if command == "estimate":
+            return cmd_estimate(args)
+        if command == "devices":
+            return cmd_devices(args)
+        if command == "presets":
+            return cmd_presets(args)
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    except BadInput as e:
+        for line in str(e).splitlines():
+            print(f"paralab: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+# ---- run ---------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .events import RunEnded, StepDone
+    from .run import Run
+
+    cfg = load_config(args)
+    try:
+        run = Run(cfg, metrics=args.metrics)
+    except ConfigError as e:
+        raise BadInput(str(e)) from None
+    signals = {"count": 0, "code": 0}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        signals["count"] += 1
+        signals["code"] = 128 + signum
+        if signals["count"] > 1:
+            raise KeyboardInterrupt
+        print("\nparalab: stopping (press Ctrl-C again to stop at once)…", file=sys.stderr)
+        run.stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    progress = Progress(cfg, sys.stdout, quiet=args.quiet)
+    ended: RunEnded | None = None
+    try:
+        for event in run.events():
+            if isinstance(event, StepDone):
+                progress.step(event)
+            elif isinstance(event, RunEnded):
+                ended = event
+    except KeyboardInterrupt:
+        ended = run.ended
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    progress.close()
+    return _report(ended, signals["code"], args.metrics)
+
+
+def _report(ended: Any, signal_code: int, metrics: str | None) -> int:
+    where = f" (events in {metrics})" if metrics else ""
+    if ended is None or ended.status == "stopped":
+        print(f"paralab: stopped after step {ended.steps if ended else 0}{where}", file=sys.stderr)
+        return signal_code or 130
+    if ended.status == "ok":
+        print(f"paralab: {ended.message} in {ended.time_s:.1f} s{where}", file=sys.stderr)
+        return EXIT_OK
+    print(f"paralab: run failed ({ended.status}): {ended.message}{where}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+class Progress:
+    """A progress bar on a terminal, plain lines (one a second at most) otherwise."""
+
+    def __init__(self, cfg: RunConfig, out: TextIO, quiet: bool = False) -> None:
+        self.total = cfg.train.steps
+        self.out = out
+        self.quiet = quiet
+        self.tty = out.isatty()
+        self.last_print = -1e9
+        self.last: Any = None
+        self.first: Any = None
+
+    def step(self, e: Any) -> None:
+        self.last = e
+        self.first = self.first or e
+        if self.quiet:
+            return
+        if self.tty:
+            if e.time_s - self.last_print >= 0.1 or e.step == self.total:
+                self.last_print = e.time_s
+                self.out.write("\r" + self.line(e, bar=True) + "\x1b[K")
+                self.out.flush()
+        elif e.time_s - self.last_print >= 1.0 or e.step == self.total:
+            self.last_print = e.time_s
+            self.out.write(self.line(e, bar=False) + "\n")
+            self.out.flush()
+
+    def line(self, e: Any, bar: bool) -> str:
+        frac = e.step / self.total
+        rate = e.samples_per_s
+        span = e.time_s - self.first.time_s
+        steps_per_s = (e.step - self.first.step) / span if span > 0 else 0.0
+        eta = f"{(self.total - e.step) / steps_per_s:.0f} s" if steps_per_s > 0 else "…"
+        loss = f"{e.loss:.4g}" if e.loss == e.loss else "nan"
+        drawn = ""
+        if bar:
+            filled = int(frac * 24)
+            drawn = "▕" + "█" * filled + "░" * (24 - filled) + "▏ "
+        return (f"step {e.step:>{len(str(self.total))}}/{self.total} {drawn}loss {loss}  "
+                f"{_si(rate)} samples/s  ETA {eta}")
+
+    def close(self) -> None:
+        if self.tty and not self.quiet and self.last is not None:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _si(x: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= size:
+            return f"{x / size:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+# ---- estimate ----------------------------------------------------------------------------------
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .estimate import estimate
+
+    cfg = load_config(args)
+    result = estimate(cfg, method=args.method)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(result.table())
+    return EXIT_OK
+
+
+# ---- devices and presets ----------------------------------------------------------------------
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from . import nvml
+    from .devices import resolve
+
+    gpus = nvml.list_gpus()
+    auto = resolve("auto", RunConfig().sim.memory, gpus)
+    if args.json:
+        print(json.dumps({
+            "gpus": [{"index": g.index, "name": g.name, "total_bytes": g.total_bytes} for g in gpus],
+            "nvml": None if nvml.available() else nvml.unavailable_reason(),
+            "auto": [d.label for d in auto],
+        }, indent=2))
+        return EXIT_OK
+    if gpus:
+        for g in gpus:
+            print(f"cuda:{g.index}  {g.name}  {human_bytes(g.total_bytes)}")
+    else:
+        print(f"no GPU: {nvml.unavailable_reason() or 'NVML sees none'}")
+    print(f"auto = {', '.join(d.label for d in auto)}" + ("" if gpus else " (simulated, computing on the CPU)"))
+    return EXIT_OK
+
+
+def cmd_presets(_args: argparse.Namespace) -> int:
+    from . import presets
+
+    for name in presets.names():
+        cfg = presets.load(name)
+        print(f"{name:24s} {cfg.mode:16s} {cfg.name}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""RunConfig: the one description of a run, shared by the GUI form, the CLI and TOML.
+
+Every field has a docstring (the string literal under it); the GUI turns them into
+tooltips and the CLI into `--set` help.  Nothing else in paralab parses user input:
+values arrive here as text (`--set train.lr=0.01`, a TOML file, a form field), are
+converted with `coerce`, and `validate` returns every problem as a sentence a person
+can act on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+MODES = (
+    "single",
+    "data-parallel",
+    "model-parallel",
+    "ddp",
+    "pipeline",
+    "fsdp",
+    "tensor-parallel",
+)
+MODELS = ("linear", "split-nn", "mlp", "transformer")
+DATASETS = ("auto", "regression", "constant-target", "teacher", "tokens")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("gpipe", "1f1b")
+
+
+class ConfigError(ValueError):
+    """Bad user input; the message is a sentence meant for a person."""
+
+
+class Bytes(int):
+    """A byte count that reads and writes as '24GiB', '512MiB', '1e9' or '1000000'."""
+
+    _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+    @classmethod
+    def parse(cls, text: str | int | float) -> Bytes:
+        if isinstance(text, bool):
+            raise ConfigError(f"{text!r} is not a memory size")
+        if isinstance(text, (int, float)):
+            value = float(text)
+        else:
+            m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+            if not m or m.group(2).lower() not in cls._UNITS:
+                raise ConfigError(f"{text!r} is not a memory size; write it like 24GiB, 512MiB or 1000000")
+            value = float(m.group(1)) * cls._UNITS[m.group(2).lower()]
+        if value != value or value < 0 or value > 2**62:
+            raise ConfigError(f"{text!r} is not a memory size")
+        return cls(int(value))
+
+    def human(self) -> str:
+        return human_bytes(int(self))
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            value = n / size
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    kind: str = "mlp"
+    """Model: 'linear' (the data-parallel seed's Linear(1,1)), 'split-nn' (the model-parallel seed's 10→50→20→1), 'mlp', or 'transformer' (a small GPT)."""
+    width: int = 256
+    """Hidden width of the MLP, or the transformer's model dimension."""
+    depth: int = 4
+    """Number of hidden blocks of the MLP, or transformer blocks."""
+    heads: int = 4
+    """Attention heads per transformer block; must divide width."""
+    seq_len: int = 64
+    """Tokens per transformer sequence."""
+    vocab: int = 512
+    """Transformer vocabulary size."""
+    in_features: int = 32
+    """Input features of the MLP."""
+    out_features: int = 8
+    """Outputs of the MLP."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    kind: str = "auto"
+    """Synthetic data: 'regression' (y = 3x + noise, the data-parallel seed), 'constant-target' (uniform inputs, target 1, the model-parallel seed), 'teacher' (a random MLP to imitate), 'tokens' (token sequences from a random Markov chain), or 'auto' (the model's natural data)."""
+    samples: int = 0
+    """Samples in the data set (0: the model's default; the seeds use 10000 and 100). Batches cycle through it."""
+    noise: float = 0.5
+    """Standard deviation of the noise added to regression targets."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 200
+    """Training steps (one optimizer update each; the seeds call them epochs)."""
+    batch_size: int = 64
+    """Global batch: samples per step over all devices."""
+    lr: float = 0.01
+    """Learning rate; can be changed while the run goes."""
+    optimizer: str = "adam"
+    """Optimizer: 'sgd', 'adam' or 'adamw'."""
+    micro_batches: int = 4
+    """Pipeline micro-batches per step; must divide the batch."""
+    schedule: str = "gpipe"
+    """Pipeline schedule: 'gpipe' (all forwards, then all backwards) or '1f1b' (one forward, one backward)."""
+    log_every: int = 1
+    """Emit a step event every this many steps (the loss is read back in batches, never with a sync per step)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PlacementConfig:
+    split: tuple[int, ...] = ()
+    """Model-parallel and pipeline: how many consecutive layers each device holds, e.g. 1,2 (empty: an even split)."""
+    reshard_after_forward: bool = True
+    """FSDP: free gathered parameters after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SimConfig:
+    memory: Bytes = Bytes(24 * 2**30)
+    """Memory capacity of each simulated device, e.g. 24GiB. Simulated devices compute on the CPU; only this capacity is made up."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TelemetryConfig:
+    interval_s: float = 0.25
+    """Seconds between memory, span and utilization samples (default 4 Hz)."""
+    hang_timeout_s: float = 30.0
+    """A rank that makes no progress for this long is declared hung and the run is ended."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    mode: str = "single"
+    """Parallelism mode: single, data-parallel, model-parallel, ddp, pipeline, fsdp or tensor-parallel."""
+    devices: str = "auto"
+    """Devices: 'auto' (every GPU, or sim:2 without one), 'sim:N' (N simulated devices), 'cuda:0,1' (those GPUs), 'cuda:0xN' (N logical devices sharing GPU 0)."""
+    seed: int = 0
+    """Random seed for the model, the data and everything else."""
+    name: str = ""
+    """A title for the run (presets set it)."""
+    description: str = ""
+    """What the run shows (presets set it)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    # ---- reading and writing -------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Build from nested plain values (TOML, JSON); every key is checked."""
+        return _build(cls, data, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        return cls.loads(text, source=str(path))
+
+    @classmethod
+    def loads(cls, text: str, source: str = "config") -> RunConfig:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source} is not valid TOML: {e}") from None
+        return cls.from_dict(data)
+
+    def dumps(self) -> str:
+        return _dump_toml(self.to_dict())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.dumps(), encoding="utf-8")
+
+    def with_overrides(self, assignments: list[str] | dict[str, Any]) -> RunConfig:
+        """Apply `key=value` strings (or a {dotted key: value} dict) with type checks."""
+        items = assignments.items() if isinstance(assignments, dict) else [_split_assignment(a) for a in assignments]
+        config = self
+        for key, value in items:
+            config = set_value(config, key, value)
+        return config
+
+    # ---- checking --------------------------------------------------------------------------
+
+    def validate(self, *, resolve_devices: bool = True) -> list[str]:
+        """Every problem with this config, each a sentence a person can act on."""
+        from .validation import problems
+
+        return problems(self, resolve_devices=resolve_devices)
+
+
+# ---- dotted keys -----------------------------------------------------------------------------
+
+
+def field_docs(cls: type = RunConfig, prefix: str = "") -> dict[str, str]:
+    """{dotted key: docstring} for every leaf field, read from the source below each field."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        source = ""
+    found = dict(re.findall(r"^\s+(\w+): [^\n]+\n\s+\"\"\"(.*?)\"\"\"", source, re.M | re.S))
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            docs.update(field_docs(hint, f"{prefix}{f.name}."))
+        else:
+            docs[f"{prefix}{f.name}"] = " ".join(found.get(f.name, "").split())
+    return docs
+
+
+def keys() -> list[str]:
+    return list(field_docs())
+
+
+def get_value(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def set_value(config: RunConfig, key: str, value: Any) -> RunConfig:
+    """A copy of config with dotted `key` set to `value` (text or a typed value)."""
+    parts = key.strip().split(".")
+    return _set(config, parts, value, key.strip())
+
+
+def _set(obj: Any, parts: list[str], value: Any, key: str) -> Any:
+    names = {f.name for f in fields(obj)}
+    if parts[0] not in names:
+        raise ConfigError(f"unknown setting {key!r}; known settings: {', '.join(keys())}")
+    hint = typing.get_type_hints(type(obj))[parts[0]]
+    if len(parts) == 1:
+        if dataclasses.is_dataclass(hint):
+            raise ConfigError(f"{key!r} is a section; set one of its keys, e.g. {key}.{fields(hint)[0].name}")
+        return replace(obj, **{parts[0]: coerce(hint, value, key)})
+    if not dataclasses.is_dataclass(hint):
+        raise ConfigError(f"unknown setting {key!r}; known settings: {', '.join(keys())}")
+    return replace(obj, **{parts[0]: _set(getattr(obj, parts[0]), parts[1:], value, key)})
+
+
+def coerce(hint: Any, value: Any, key: str) -> Any:
+    """Convert text or a plain value to the field's type, or raise ConfigError."""
+    text = value.strip() if isinstance(value, str) else value
+    try:
+        if hint is Bytes:
+            return Bytes.parse(text)
+        if hint is bool:
+            if isinstance(text, bool):
+                return text
+            if isinstance(text, str) and text.lower() in ("true", "yes", "on", "1"):
+                return True
+            if isinstance(text, str) and text.lower() in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(text, bool):
+                raise ValueError
+            if isinstance(text, float):
+                if not text.is_integer():
+                    raise ValueError
+                return int(text)
+            return int(text)
+        if hint is float:
+            if isinstance(text, bool):
+                raise ValueError
+            result = float(text)
+            if result != result or result in (float("inf"), float("-inf")):
+                raise ValueError
+            return result
+        if hint is str:
+            if not isinstance(text, str):
+                raise ValueError
+            return text
+        if typing.get_origin(hint) is tuple:
+            if isinstance(text, str):
+                text = text.strip("[]() ")
+                items = [t for t in re.split(r"[,\s]+", text) if t]
+            elif isinstance(text, (list, tuple)):
+                items = list(text)
+            else:
+                raise ValueError
+            return tuple(coerce(int, item, key) for item in items)
+    except (ValueError, TypeError, OverflowError):
+        pass
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    kind = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(
+        hint, "a list of whole numbers like 1,2" if typing.get_origin(hint) is tuple else "a memory size like 24GiB")
+    raise ConfigError(f"{key} must be {kind}, not {value!r}")
+
+
+def _split_assignment(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"--set takes KEY=VALUE, e.g. train.lr=0.01; got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{prefix.rstrip('.')}] must be a table of settings, not {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting {prefix + unknown[0]!r}; known settings: {', '.join(keys())}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = coerce(hint, value, prefix + name)
+    return cls(**kwargs)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Bytes):
+        return obj.human().replace(" ", "").replace(".0", "") if int(obj) % 2**20 == 0 else int(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def _dump_toml(data: dict[str, Any]) -> str:
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    top = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    sections = [
+        f"\n[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
+        for k, v in data.items() if isinstance(v, dict)
+    ]
+    return "\n".join(top) + "\n" + "\n".join(sections) + "\n"

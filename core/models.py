@@ -1,0 +1,187 @@
+"""The models paralab trains, each an nn.Sequential of *layers*.
+
+A layer is the unit that model-parallel and pipeline place on a device, so every
+model is a flat sequence: the seeds' models keep their own shape, the MLP and the
+transformer put their input and output ends into the first and last layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class SeedLinear(nn.Module):
+    """The data-parallel seed's SimpleNN: one Linear(1, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class ResidualMLPBlock(nn.Module):
+    """x + fc2(relu(fc1(x))): fc1 splits by columns and fc2 by rows under tensor parallel."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+class TokenEmbedding(nn.Module):
+    def __init__(self, vocab: int, dim: int, seq_len: int) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(seq_len, dim)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.tokens(idx) + self.positions(pos)
+
+
+class Attention(nn.Module):
+    """Causal self-attention.  Heads are counted from q's width at run time, so a
+    column-split q/k/v (tensor parallel) simply runs its share of the heads."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        heads = q.shape[-1] // self.head_dim
+        q, k, v = (z.view(b, t, heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, 4 * dim)
+        self.down = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class LMHead(nn.Module):
+    def __init__(self, dim: int, vocab: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
+def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu") -> nn.Sequential:
+    """The model for `cfg`, its weights a function of `seed` alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            return _layers(cfg)
+
+
+def _layers(cfg: ModelConfig) -> nn.Sequential:
+    if cfg.kind == "linear":
+        return nn.Sequential(SeedLinear())
+    if cfg.kind == "split-nn":
+        # The model-parallel seed's SplitNN: part1 = layer 0, part2 = layers 1 and 2.
+        return nn.Sequential(
+            nn.Sequential(nn.Linear(10, 50), nn.ReLU()),
+            nn.Sequential(nn.Linear(50, 20), nn.ReLU()),
+            nn.Linear(20, 1),
+        )
+    if cfg.kind == "mlp":
+        return nn.Sequential(
+            nn.Sequential(nn.Linear(cfg.in_features, cfg.width), nn.ReLU()),
+            *(ResidualMLPBlock(cfg.width) for _ in range(cfg.depth)),
+            nn.Linear(cfg.width, cfg.out_features),
+        )
+    if cfg.kind == "transformer":
+        model = nn.Sequential(
+            TokenEmbedding(cfg.vocab, cfg.width, cfg.seq_len),
+            *(TransformerBlock(cfg.width, cfg.heads) for _ in range(cfg.depth)),
+            LMHead(cfg.width, cfg.vocab),
+        )
+        _init_gpt(model, cfg.depth)
+        return model
+    raise ValueError(f"unknown model {cfg.kind!r}")
+
+
+def _init_gpt(model: nn.Module, depth: int) -> None:
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * depth) if name.endswith(("out.weight", "down.weight")) else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+
+
+def num_layers(cfg: ModelConfig) -> int:
+    return {"linear": 1, "split-nn": 3}.get(cfg.kind, cfg.depth + 2)
+
+
+def layer_names(cfg: ModelConfig) -> list[str]:
+    """Human names of the layers, for the placement table."""
+    if cfg.kind == "linear":
+        return ["Linear(1, 1)"]
+    if cfg.kind == "split-nn":
+        return ["Linear(10, 50) + ReLU", "Linear(50, 20) + ReLU", "Linear(20, 1)"]
+    if cfg.kind == "mlp":
+        return ([f"Linear({cfg.in_features}, {cfg.width}) + ReLU"]
+                + [f"residual block {i + 1}" for i in range(cfg.depth)]
+                + [f"Linear({cfg.width}, {cfg.out_features})"])
+    return ["embedding"] + [f"transformer block {i + 1}" for i in range(cfg.depth)] + ["norm + LM head"]
+
+
+def loss_fn(cfg: ModelConfig, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if cfg.kind == "transformer":
+        return F.cross_entropy(output.flatten(0, 1).float(), target.flatten())
+    return F.mse_loss(output, target)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def split_layers(n_layers: int, n_devices: int, split: tuple[int, ...] = ()) -> list[range]:
+    """Consecutive layer ranges per device: the given counts, or as even as can be with
+    the extra layers on the last devices (3 layers on 2 devices: 1 | 2, as in the seed)."""
+    extra = n_layers % n_devices
+    counts = list(split) if split else [n_layers // n_devices + (i >= n_devices - extra) for i in range(n_devices)]
+    ranges, start = [], 0
+    for c in counts:
+        ranges.append(range(start, start + c))
+        start += c
+    return ranges

@@ -1,0 +1,70 @@
+"""One module per parallelism mode, each an `apply_*` function.
+
+`apply_*(ctx)` takes the rank's context (config, devices, rank, ledger) and returns a
+Trainer: the function that runs one training step and the optimizers it steps.  The
+training loop around it (control, sampling, events) is the same for every mode and
+lives in `core.worker`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import TrainConfig
+
+if TYPE_CHECKING:
+    from ..worker import Probe, RankContext
+
+
+@dataclass
+class Trainer:
+    step: Callable[[int, Probe], torch.Tensor | None]
+    """Runs training step `step` (1-based); returns the loss (or None on a rank that has none)."""
+    optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
+    summary: Callable[[], str] | None = None
+    """What the model learned, in words, for the end of the run (small models only)."""
+
+
+def learned_line(model: torch.nn.Module) -> Callable[[], str] | None:
+    """For a one-input one-output Linear (the data-parallel seed): 'learned y = 2.998·x + 0.003'."""
+    params = list(model.parameters())
+    if len(params) != 2 or params[0].numel() != 1:
+        return None
+    return lambda: f"learned y = {params[0].item():.3f}·x + {params[1].item():+.3f}"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    module: str
+    """Module under core.parallel that defines `apply_<module>`."""
+    one_process_per_device: bool
+    """True: one rank per logical device (torch.distributed); False: one process drives all."""
+    loss_from_last_rank: bool = False
+    """True: only the last rank has the loss (pipeline); False: the loss is the mean over ranks."""
+
+    def apply(self, ctx: RankContext) -> Trainer:
+        mod = importlib.import_module(f"{__name__}.{self.module}")
+        return getattr(mod, f"apply_{self.module}")(ctx)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "single": Strategy("single", one_process_per_device=False),
+}
+
+
+def world_size(mode: str, n_devices: int) -> int:
+    return n_devices if STRATEGIES[mode].one_process_per_device else 1
+
+
+def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr)
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train.lr)
+    return torch.optim.Adam(params, lr=train.lr)

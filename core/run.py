@@ -1,0 +1,275 @@
+"""A run: start rank processes for a RunConfig, yield their events, take controls.
+
+Training always happens in child processes, even for the one-process modes: the
+caller (GUI or CLI) never holds a CUDA context, and a fault in training can neither
+freeze nor kill it.  Ranks are forked from a forkserver that has torch imported, and
+each sends its events over its own pipe, so a rank that dies shows up as an end of
+file at once and cannot corrupt what the others send.
+
+Guarantees: every event is written to the metrics file as it arrives; the last event
+is always an `end`; when `events()` returns (or is closed) no rank is left alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import wait
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+from . import worker
+from .config import ConfigError, RunConfig
+from .devices import Device, resolve
+from .events import Event, EventWriter, RunEnded, RunStarted, StepDone
+from .parallel import STRATEGIES, world_size
+
+STATUS_RANK = {"ok": 0, "stopped": 1, "error": 2, "oom": 3}
+STOP_GRACE_S = 5.0
+FAILURE_GRACE_S = 2.0
+
+
+def context() -> Any:
+    """The multiprocessing context ranks start from: a forkserver with torch preloaded,
+    so starting a rank costs a fork, not an import of torch."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "paralab.core.worker", "paralab.core.parallel"])
+    return ctx
+
+
+class Run:
+    """One training run.  Iterate `events()`; call pause/resume/stop/set_lr from any thread."""
+
+    def __init__(self, config: RunConfig, metrics: str | Path | None = None,
+                 devices: list[Device] | None = None) -> None:
+        problems = config.validate(resolve_devices=devices is None)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.config = config
+        self.devices = devices if devices is not None else resolve(config.devices, config.sim.memory)
+        self.metrics = Path(metrics) if metrics else None
+        self.world = world_size(config.mode, len(self.devices))
+        self._ctx = context()
+        self._shared = self._ctx.RawArray("d", 3)
+        self._shared[worker.LR] = config.train.lr
+        self._processes: list[Any] = []
+        self.ended: RunEnded | None = None
+        self.stop_requested = False
+
+    # ---- controls (thread-safe: plain writes to shared memory) ---------------------------------
+
+    def pause(self) -> None:
+        self._shared[worker.PAUSED] = 1.0
+
+    def resume(self) -> None:
+        self._shared[worker.PAUSED] = 0.0
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._shared[worker.PAUSED])
+
+    def stop(self) -> None:
+        self.stop_requested = True
+        self._shared[worker.STOP] = 1.0
+
+    def set_lr(self, lr: float) -> None:
+        if not lr > 0:
+            raise ConfigError(f"learning rate must be above 0, not {lr}")
+        self._shared[worker.LR] = float(lr)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes if p.pid is not None]
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    def events(self) -> Iterator[Event]:
+        writer = EventWriter(self.metrics) if self.metrics else None
+        t0 = perf_counter()
+        supervisor = _Supervisor(self, t0)
+        try:
+            start = self._started()
+            if writer:
+                writer.write([start])
+            yield start
+            supervisor.launch()
+            while self.ended is None:
+                batch = supervisor.poll()
+                if writer and batch:
+                    writer.write(batch)
+                yield from batch
+        finally:
+            if self.ended is None:  # closed early (Ctrl-C twice, the consumer went away)
+                self.ended = RunEnded("stopped", "the run was interrupted", None, perf_counter() - t0,
+                                      supervisor.steps_done)
+                if writer:
+                    writer.write([self.ended])
+            supervisor.teardown()
+            if writer:
+                writer.close()
+
+    def _started(self) -> RunStarted:
+        from .models import build_model, count_params
+
+        params = count_params(build_model(self.config.model, self.config.seed, device="meta"))
+        devices = [{"index": d.index, "label": d.label, "kind": d.kind, "capacity_bytes": d.capacity_bytes,
+                    "description": d.describe()} for d in self.devices]
+        return RunStarted(self.config.mode, devices, self.config.to_dict(), self.world, params, time.time())
+
+
+class _Supervisor:
+    """Starts the ranks, reads their pipes, turns batches into events, decides the end."""
+
+    def __init__(self, run: Run, t0: float) -> None:
+        self.run = run
+        self.t0 = t0
+        self.readers: dict[Any, int] = {}
+        self.done: dict[int, worker.RankDone] = {}
+        self.progress: dict[int, tuple[int, float]] = {}
+        self.failure_at: float | None = None
+        self.stop_at: float | None = None
+        self.steps_done = 0
+        self.store: Any = None
+        strategy = STRATEGIES[run.config.mode]
+        self.loss_ranks = {run.world - 1} if strategy.loss_from_last_rank else set(range(run.world))
+        self._pending: dict[int, list[tuple[float, float, float]]] = {}
+        self._last_step: tuple[int, float] | None = None
+
+    def launch(self) -> None:
+        run = self.run
+        backend = "gloo"
+        if run.world > 1:
+            import datetime
+
+            import torch.distributed as dist
+
+            self.store = dist.TCPStore("127.0.0.1", 0, run.world + 1, is_master=True,
+                                       timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+            gpus = {d.gpu for d in run.devices if d.kind == "cuda"}
+            backend = "nccl" if len(gpus) == run.world else "gloo"
+        for rank in range(run.world):
+            job = worker.RankJob(run.config.to_dict(), run.devices, rank, run.world, self.t0, os.getpid(),
+                                 store_port=self.store.port if self.store else 0, backend=backend)
+            reader, writer = run._ctx.Pipe(duplex=False)
+            p = run._ctx.Process(target=worker.main, args=(job, writer, run._shared), daemon=True,
+                                 name=f"paralab-rank{rank}")
+            p.start()
+            writer.close()
+            run._processes.append(p)
+            self.readers[reader] = rank
+            self.progress[rank] = (0, perf_counter())
+
+    def poll(self) -> list[Event]:
+        out: list[Event] = []
+        for reader in wait(list(self.readers), timeout=0.1):
+            rank = self.readers[reader]
+            try:
+                while reader.poll():
+                    self._take(reader.recv(), out)
+            except (EOFError, OSError):
+                del self.readers[reader]
+                if rank not in self.done:
+                    self.done[rank] = self._death(rank)
+                    self.failure_at = self.failure_at or perf_counter()
+        self._check(out)
+        return out
+
+    def _take(self, msg: Any, out: list[Event]) -> None:
+        if isinstance(msg, worker.RankDone):
+            self.done[msg.rank] = msg
+            if msg.status in ("oom", "error"):
+                self.failure_at = self.failure_at or perf_counter()
+            return
+        self.progress[msg.rank] = (msg.progress, perf_counter())
+        if msg.started is not None and self._last_step is None:
+            self._last_step = (0, msg.started)
+        out.extend(msg.events)
+        if msg.rank in self.loss_ranks:
+            for step, loss, t, lr in zip(msg.steps, msg.losses, msg.times, msg.lrs):
+                got = self._pending.setdefault(step, [])
+                got.append((loss, t, lr))
+                if len(got) == len(self.loss_ranks):
+                    del self._pending[step]
+                    out.append(self._step_event(step, got))
+
+    def _step_event(self, step: int, got: list[tuple[float, float, float]]) -> StepDone:
+        loss = sum(g[0] for g in got) / len(got)
+        t = max(g[1] for g in got)
+        prev_step, prev_t = self._last_step or (0, 0.0)
+        rate = (step - prev_step) * self.run.config.train.batch_size / (t - prev_t) if t > prev_t else 0.0
+        self._last_step = (step, t)
+        self.steps_done = step
+        return StepDone(step, loss, t, rate, got[0][2])
+
+    def _death(self, rank: int) -> worker.RankDone:
+        p = self.run._processes[rank]
+        p.join(timeout=1.0)
+        code = p.exitcode
+        how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
+               else f"exited with code {code}" if code is not None else "stopped answering")
+        device = self._device_of(rank)
+        return worker.RankDone(rank, "error", f"rank {rank} ({self.run.devices[device].label}) {how}", device)
+
+    def _device_of(self, rank: int) -> int:
+        return rank if self.run.world > 1 else 0
+
+    def _check(self, out: list[Event]) -> None:
+        run, now = self.run, perf_counter()
+        if run.stop_requested and self.stop_at is None:
+            self.stop_at = now
+        # Hang: a rank that makes no progress for the timeout (not counting pauses).
+        timeout = run.config.telemetry.hang_timeout_s
+        for rank, (step, seen) in self.progress.items():
+            if run.paused:
+                self.progress[rank] = (step, now)
+            elif rank not in self.done and now - seen > timeout:
+                device = self._device_of(rank)
+                self.done[rank] = worker.RankDone(
+                    rank, "error", f"rank {rank} ({run.devices[device].label}) made no progress for "
+                    f"{timeout:.0f} s after step {step}: it hangs", device)
+                self.failure_at = self.failure_at or now
+        finished = len(self.done) == run.world
+        failed_long = self.failure_at is not None and now - self.failure_at > FAILURE_GRACE_S
+        stop_long = self.stop_at is not None and now - self.stop_at > STOP_GRACE_S
+        if finished or failed_long or stop_long:
+            run.ended = self._verdict(now)
+            out.append(run.ended)
+
+    def _verdict(self, now: float) -> RunEnded:
+        done = sorted(self.done.values(), key=lambda d: -STATUS_RANK[d.status])
+        worst = done[0] if done else None
+        t = now - self.t0
+        if worst is None or (self.stop_at is not None and (worst.status in ("ok", "stopped"))):
+            return RunEnded("stopped", f"stopped by request after step {self.steps_done}", None, t, self.steps_done)
+        if worst.status in ("oom", "error"):
+            # The first failure is the cause; others (broken collectives) are consequences.
+            first = next(d for d in self.done.values() if d.status in ("oom", "error"))
+            cause = first if first.status == "oom" or worst.status != "oom" else worst
+            return RunEnded(cause.status, cause.message, cause.device, t, self.steps_done, cause.phase)
+        status = "stopped" if any(d.status == "stopped" for d in done) else "ok"
+        return RunEnded(status, worst.message, None, t, self.steps_done)
+
+    def teardown(self) -> None:
+        procs = self.run._processes
+        deadline = perf_counter() + 1.0
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - perf_counter()))
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        deadline = perf_counter() + 2.0
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - perf_counter()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=1.0)
+        for reader in list(self.readers):
+            with contextlib.suppress(Exception):
+                reader.close()
+        self.readers.clear()
+        self.store = None

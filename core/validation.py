@@ -1,0 +1,124 @@
+"""Check a RunConfig as a value, before any process or torch.distributed starts.
+
+Each problem is a sentence a person can act on.  The parallel layout (devices × mode ×
+batch × layers) is checked here once, so no strategy has to.
+"""
+
+from __future__ import annotations
+
+from .config import DATASETS, MODELS, MODES, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig
+from .data import data_kind
+from .models import num_layers
+
+# Modes that split the global batch evenly over the devices.
+BATCH_SPLITTING = ("ddp", "fsdp")
+LAYER_SPLITTING = ("model-parallel", "pipeline")
+
+
+def problems(cfg: RunConfig, *, resolve_devices: bool = True) -> list[str]:
+    out: list[str] = []
+    m, t = cfg.model, cfg.train
+
+    def need(condition: bool, sentence: str) -> None:
+        if not condition:
+            out.append(sentence)
+
+    need(cfg.mode in MODES, f"mode {cfg.mode!r} is not one of: {', '.join(MODES)}")
+    need(m.kind in MODELS, f"model {m.kind!r} is not one of: {', '.join(MODELS)}")
+    need(cfg.data.kind in DATASETS, f"data {cfg.data.kind!r} is not one of: {', '.join(DATASETS)}")
+    need(t.optimizer in OPTIMIZERS, f"optimizer {t.optimizer!r} is not one of: {', '.join(OPTIMIZERS)}")
+    need(t.schedule in SCHEDULES, f"schedule {t.schedule!r} is not one of: {', '.join(SCHEDULES)}")
+    need(t.steps >= 1, f"train.steps must be at least 1, not {t.steps}")
+    need(t.batch_size >= 1, f"train.batch_size must be at least 1, not {t.batch_size}")
+    need(t.lr > 0, f"train.lr must be above 0, not {t.lr}")
+    need(t.lr <= 100, f"train.lr {t.lr} is far too large to train; try 0.01")
+    need(t.micro_batches >= 1, f"train.micro_batches must be at least 1, not {t.micro_batches}")
+    need(t.log_every >= 1, f"train.log_every must be at least 1, not {t.log_every}")
+    need(cfg.sim.memory >= 2**20, f"sim.memory {int(cfg.sim.memory)} bytes is too small; give at least 1MiB, e.g. 24GiB")
+    need(cfg.telemetry.interval_s >= 0.01, "telemetry.interval_s must be at least 0.01 s")
+    need(cfg.telemetry.hang_timeout_s >= 1, "telemetry.hang_timeout_s must be at least 1 s")
+    need(cfg.data.samples >= 0, f"data.samples must be 0 (the default) or more, not {cfg.data.samples}")
+    need(cfg.data.noise >= 0, f"data.noise must be 0 or more, not {cfg.data.noise}")
+    if m.kind in ("mlp", "transformer"):
+        need(m.width >= 1, f"model.width must be at least 1, not {m.width}")
+        need(m.depth >= 1, f"model.depth must be at least 1, not {m.depth}")
+        need(m.width <= 65536 and m.depth <= 1024, "the model is larger than paralab builds (width ≤ 65536, depth ≤ 1024)")
+    if m.kind == "mlp":
+        need(m.in_features >= 1 and m.out_features >= 1, "model.in_features and model.out_features must be at least 1")
+    if m.kind == "transformer":
+        need(m.heads >= 1 and m.width % max(m.heads, 1) == 0,
+             f"model.heads {m.heads} must divide model.width {m.width}")
+        need(m.seq_len >= 1 and m.vocab >= 2, "model.seq_len must be at least 1 and model.vocab at least 2")
+    if m.kind in MODELS and cfg.data.kind in DATASETS:
+        kind = data_kind(cfg.data, m)
+        tokens_model = m.kind == "transformer"
+        need((kind == "tokens") == tokens_model,
+             f"data {kind!r} does not fit model {m.kind!r}; use data.kind=auto")
+    if out:
+        return out  # the layout checks below assume sane basics
+
+    n = _device_count(cfg, resolve_devices, out)
+    if n is None:
+        return out
+    out.extend(layout_problems(cfg, n))
+    return out
+
+
+def _device_count(cfg: RunConfig, resolve_devices: bool, out: list[str]) -> int | None:
+    from . import devices
+
+    try:
+        if resolve_devices:
+            return len(devices.resolve(cfg.devices, cfg.sim.memory))
+        n = devices.count(cfg.devices)
+        return 2 if n is None else n
+    except ConfigError as e:
+        out.append(str(e))
+        return None
+
+
+def layout_problems(cfg: RunConfig, n: int) -> list[str]:
+    """Mode × devices × batch × layers, for n logical devices."""
+    out: list[str] = []
+    t, mode = cfg.train, cfg.mode
+    layers = num_layers(cfg.model)
+    if mode == "single" and n != 1:
+        out.append(f"mode single runs on one device, but devices {cfg.devices!r} names {n}; use sim:1 or cuda:0")
+    if mode in BATCH_SPLITTING and t.batch_size % n:
+        out.append(f"batch size {t.batch_size} does not split over {n} devices; use a multiple of {n}")
+    if mode == "data-parallel" and t.batch_size < n:
+        out.append(f"batch size {t.batch_size} leaves some of the {n} devices without samples; use at least {n}")
+    if mode in LAYER_SPLITTING:
+        split = cfg.placement.split
+        if split:
+            if len(split) != n:
+                out.append(f"placement.split gives layers for {len(split)} devices, but the run has {n}")
+            elif any(c < 1 for c in split):
+                out.append("placement.split must give every device at least one layer")
+            elif sum(split) != layers:
+                out.append(f"placement.split places {sum(split)} layers, but model {cfg.model.kind} has {layers}")
+        elif layers < n:
+            out.append(f"model {cfg.model.kind} has {layers} layers: too few for {n} devices "
+                       f"(more stages than layers); use at most {layers} devices or a deeper model")
+    if mode == "pipeline":
+        if t.batch_size % t.micro_batches:
+            out.append(f"batch size {t.batch_size} does not split into {t.micro_batches} micro-batches")
+    if mode == "tensor-parallel":
+        out.extend(_tensor_parallel_problems(cfg, n))
+    return out
+
+
+def _tensor_parallel_problems(cfg: RunConfig, n: int) -> list[str]:
+    m = cfg.model
+    if m.kind in ("linear", "split-nn"):
+        return [f"tensor parallel needs layers wide enough to split; model {m.kind} has none "
+                "(use the mlp or the transformer)"]
+    out = []
+    if m.kind == "mlp" and (2 * m.width) % n:
+        out.append(f"tensor parallel splits each MLP block's {2 * m.width} hidden units over {n} devices; "
+                   f"use a width whose double is a multiple of {n}")
+    if m.kind == "transformer":
+        if m.heads % n:
+            out.append(f"tensor parallel splits the {m.heads} attention heads over {n} devices; "
+                       f"use a head count that is a multiple of {n}")
+    return out

@@ -1,0 +1,435 @@
+"""The rank process: set up, build the mode's Trainer, run the training loop.
+
+Everything a rank sends travels over its own pipe in batches (a few per second, never
+one message per step).  The loop is the same for every mode:
+
+  control   pause / resume / stop / set-lr, agreed by all ranks at sync points
+  step      the mode's Trainer.step
+  loss      kept on the device and read back in batches: no host sync per step
+  sampling  on sampled steps (every telemetry.interval_s, and steps 1-2) the Probe
+            records phase spans and memory by category; other steps pay nothing
+
+Under torchrun the same `main` runs with the rendezvous from the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any
+
+from .config import RunConfig
+from .devices import Device
+from .events import MemorySample, PhaseSpan
+
+
+@dataclass
+class RankJob:
+    """Everything a rank needs; picklable."""
+
+    config: dict[str, Any]
+    devices: list[Device]
+    rank: int
+    world: int
+    t0: float
+    """perf_counter() at the controller's start (CLOCK_MONOTONIC: shared by the processes of one machine)."""
+    controller_pid: int
+    store_host: str = "127.0.0.1"
+    store_port: int = 0
+    backend: str = "gloo"
+
+
+@dataclass
+class Batch:
+    """What a rank sends a few times a second."""
+
+    rank: int
+    progress: int
+    """The last step this rank finished (for hang detection)."""
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    events: list[Any] = field(default_factory=list)
+    started: float | None = None
+    """Set on the first batch: when training began (seconds since the run started)."""
+
+
+@dataclass
+class RankDone:
+    rank: int
+    status: str  # ok | oom | error | stopped
+    message: str = ""
+    device: int | None = None
+    phase: str = ""
+    steps: int = 0
+
+
+class Channel:
+    """The rank's end of its pipe; thread-safe (the heartbeat thread sends too)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, message: Any) -> None:
+        with self.lock:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self.conn.send(message)
+
+
+# ---- sampling --------------------------------------------------------------------------------
+
+
+class _Mark:
+    """Inactive phase: remembers where the step is (so an OOM can name it), nothing else."""
+
+    __slots__ = ("probe", "phase", "device")
+
+    def __init__(self, probe: Probe, device: int, phase: str) -> None:
+        self.probe, self.device, self.phase = probe, device, phase
+
+    def __enter__(self) -> None:
+        self.probe.where = (self.device, self.phase)
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+class Probe:
+    """Spans and memory on sampled steps; on other steps only a cheap marker."""
+
+    def __init__(self, ctx: RankContext) -> None:
+        self.ledger = ctx.ledger
+        self.t0 = ctx.job.t0
+        self.active = False
+        self.step = 0
+        self.where: tuple[int, str] = (ctx.local_devices[0].index, "setup")
+        self.spans: list[PhaseSpan] = []
+        self._marks: dict[tuple[int, str], _Mark] = {}
+
+    def phase(self, device: int, phase: str) -> Any:
+        if self.active:
+            return self._record(device, phase)
+        mark = self._marks.get((device, phase))
+        if mark is None:
+            mark = self._marks[(device, phase)] = _Mark(self, device, phase)
+        return mark
+
+    @contextlib.contextmanager
+    def _record(self, device: int, phase: str):
+        self.where = (device, phase)
+        start = perf_counter()
+        if phase == "forward":
+            with self.ledger.recording(device):
+                yield
+        else:
+            yield
+        end = perf_counter()
+        self.spans.append(PhaseSpan(device, phase, start - self.t0, end - self.t0, self.step))
+        self.ledger.checkpoint(phase)
+
+    def span(self, device: int, phase: str, start: float, end: float) -> None:
+        """A span timed by the strategy itself (communication, idle)."""
+        if self.active:
+            self.spans.append(PhaseSpan(device, phase, start - self.t0, end - self.t0, self.step))
+
+    def other(self, device: int, *tensors: Any) -> None:
+        if self.active:
+            self.ledger.set_other(device, tensors)
+
+
+@dataclass
+class RankContext:
+    job: RankJob
+    cfg: RunConfig
+    local_devices: list[Device]
+    ledger: Any
+    group: Any = None
+    """torch.distributed default group when world > 1."""
+
+    @property
+    def rank(self) -> int:
+        return self.job.rank
+
+    @property
+    def world(self) -> int:
+        return self.job.world
+
+    @property
+    def devices(self) -> list[Device]:
+        return self.job.devices
+
+
+# ---- control ---------------------------------------------------------------------------------
+
+STOP, PAUSED, LR = 0, 1, 2
+
+
+class Control:
+    """Reads the controller's shared array.  With several ranks, rank 0 reads it and
+    broadcasts at sync points that every rank computes the same way, so all ranks stop,
+    pause and change the learning rate at the same step."""
+
+    def __init__(self, shared: Any, world: int, lr: float) -> None:
+        self.shared = shared
+        self.world = world
+        self.lr = lr
+        self.next_sync = 1
+        self._group = None
+        self._last_sync_time = perf_counter()
+        self._last_sync_step = 0
+        if world > 1:
+            import torch.distributed as dist
+
+            # Control travels on its own gloo group: small CPU tensors, whatever the backend.
+            self._group = dist.new_group(backend="gloo")
+
+    def _read(self, step: int) -> tuple[bool, bool, float, int]:
+        stop, paused, lr = bool(self.shared[STOP]), bool(self.shared[PAUSED]), float(self.shared[LR])
+        if self.world == 1:
+            return stop, paused, lr, 1
+        import torch
+        import torch.distributed as dist
+
+        # Sync about every 50 ms of training: rank 0 picks the next interval from its step time.
+        elapsed = perf_counter() - self._last_sync_time
+        per_step = elapsed / max(step - self._last_sync_step, 1)
+        interval = int(min(max(0.05 / max(per_step, 1e-6), 1), 1000))
+        msg = torch.tensor([float(stop), float(paused), lr, float(interval)], dtype=torch.float64)
+        dist.broadcast(msg, src=0, group=self._group)
+        self._last_sync_time, self._last_sync_step = perf_counter(), step
+        return bool(msg[0]), bool(msg[1]), float(msg[2]), int(msg[3])
+
+    def poll(self, step: int, heartbeat: Heartbeat) -> tuple[bool, float | None]:
+        """(stop, new lr or None); blocks while paused."""
+        if step < self.next_sync:
+            return False, None
+        stop, paused, lr, interval = self._read(step)
+        while paused and not stop:
+            heartbeat.paused = True
+            time.sleep(0.05)
+            stop, paused, lr, interval = self._read(step)
+        heartbeat.paused = False
+        self.next_sync = step + interval
+        new_lr = None
+        if lr > 0 and lr != self.lr:
+            self.lr = new_lr = lr
+        return stop, new_lr
+
+
+class Heartbeat(threading.Thread):
+    """Sends the rank's progress every second, so the controller can tell a slow step
+    from a dead or hung rank; also ends the rank if the controller is gone."""
+
+    def __init__(self, rank: int, channel: Channel, controller_pid: int) -> None:
+        super().__init__(daemon=True, name="paralab-heartbeat")
+        self.rank, self.channel, self.controller_pid = rank, channel, controller_pid
+        self.progress = 0
+        self.paused = False
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(1.0):
+            if not _alive(self.controller_pid):
+                os._exit(3)  # orphaned: nobody will read our events or stop us
+            self.channel.send(Batch(self.rank, self.progress))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- the rank --------------------------------------------------------------------------------
+
+
+def main(job: RankJob, conn: Any, shared: Any) -> None:
+    """Entry point of a rank process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the controller's to handle
+    _set_parent_death_signal()
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    channel = Channel(conn)
+    heartbeat = Heartbeat(job.rank, channel, job.controller_pid)
+    heartbeat.start()
+    done = RankDone(job.rank, "error", "the rank ended before it started training")
+    state: dict[str, Probe] = {}
+    try:
+        done = _run(job, channel, shared, heartbeat, state)
+    except BaseException as e:  # report every failure; the controller decides what it means
+        done = _failure(job, e, state.get("probe"))
+    finally:
+        heartbeat.stopped.set()
+        channel.send(done)
+        with contextlib.suppress(Exception):
+            conn.close()
+        _shutdown_distributed()
+
+
+def _run(job: RankJob, channel: Channel, shared: Any, heartbeat: Heartbeat, state: dict) -> RankDone:
+    import torch
+
+    from .memory import MemoryLedger
+    from .parallel import STRATEGIES
+
+    cfg = RunConfig.from_dict(job.config)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.world))
+    local = _local_devices(job, cfg)
+    _setup_cuda(local)
+    ctx = RankContext(job, cfg, local, MemoryLedger(local))
+    if job.world > 1:
+        ctx.group = _init_distributed(job)
+    probe = state["probe"] = Probe(ctx)
+    control = Control(shared, job.world, cfg.train.lr)
+    trainer = STRATEGIES[cfg.mode].apply(ctx)
+    return _loop(ctx, trainer, probe, control, channel, heartbeat)
+
+
+def _loop(ctx: RankContext, trainer: Any, probe: Probe, control: Control, channel: Channel,
+          heartbeat: Heartbeat) -> RankDone:
+    import torch
+
+    cfg, t0 = ctx.cfg, ctx.job.t0
+    steps, log_every = cfg.train.steps, cfg.train.log_every
+    interval = cfg.telemetry.interval_s
+    pending = Batch(ctx.rank, 0)
+    losses: list[torch.Tensor] = []
+    last_flush = last_sample = perf_counter()
+    lr = control.lr
+    pending.started = perf_counter() - t0
+
+    def flush(step: int) -> None:
+        nonlocal pending, losses
+        if losses:
+            pending.losses = torch.stack([x.float() for x in losses]).cpu().tolist()
+        pending.progress = step
+        channel.send(pending)
+        pending, losses = Batch(ctx.rank, step), []
+
+    step = 0
+    for step in range(1, steps + 1):
+        stop, new_lr = control.poll(step, heartbeat)
+        if stop:
+            flush(step - 1)
+            return RankDone(ctx.rank, "stopped", f"stopped after step {step - 1}", steps=step - 1)
+        if new_lr is not None:
+            lr = new_lr
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+        now = perf_counter()
+        probe.active = step <= 3 or now - last_sample >= interval
+        probe.step = step
+        if probe.active:
+            ctx.ledger.begin_step()
+        loss = trainer.step(step, probe)
+        end = perf_counter()
+        heartbeat.progress = step
+        if loss is not None and (step % log_every == 0 or step == steps):
+            losses.append(loss.detach())
+            pending.steps.append(step)
+            pending.times.append(end - t0)
+            pending.lrs.append(lr)
+        if probe.active:
+            probe.active = False
+            last_sample = end
+            pending.events.extend(probe.spans)
+            probe.spans = []
+            pending.events.extend(_memory_events(ctx, step, end - t0))
+        if end - last_flush >= 0.1 or step == steps:
+            flush(step)
+            last_flush = end
+    summary = f"; {trainer.summary()}" if trainer.summary else ""
+    return RankDone(ctx.rank, "ok", f"finished {step} steps{summary}", steps=step)
+
+
+def _memory_events(ctx: RankContext, step: int, time_s: float) -> list[MemorySample]:
+    out = []
+    ledger = ctx.ledger
+    for d in ctx.local_devices:
+        bytes_, phase = ledger.step_peak(d.index)
+        peak = ledger.peak[d.index]
+        cuda_peak, extra = ledger.cuda_extra(d)
+        if extra:
+            # On CUDA the allocator knows what the categories miss: count it as other.
+            counted = sum(bytes_.values())
+            bytes_["other"] += max(0, extra["allocated"] - counted)
+            peak = max(peak, cuda_peak)
+        out.append(MemorySample(step, d.index, bytes_, peak, d.capacity_bytes, time_s, phase, extra))
+    return out
+
+
+def _failure(job: RankJob, e: BaseException, probe: Probe | None) -> RankDone:
+    from .memory import DeviceOutOfMemory
+
+    device, phase = probe.where if probe is not None else (None, "")
+    if isinstance(e, DeviceOutOfMemory):
+        return RankDone(job.rank, "oom", str(e), e.device.index, e.phase)
+    if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        label = next((d.label for d in job.devices if d.index == device), "the GPU")
+        first = str(e).splitlines()[0] if str(e) else "CUDA out of memory"
+        return RankDone(job.rank, "oom", f"{label} ran out of memory in {phase}: {first}", device, phase)
+    if isinstance(e, KeyboardInterrupt):
+        return RankDone(job.rank, "stopped", "interrupted", device, phase)
+    detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+    return RankDone(job.rank, "error", f"rank {job.rank} failed in {phase or 'setup'}: {detail}", device, phase)
+
+
+def _local_devices(job: RankJob, cfg: RunConfig) -> list[Device]:
+    from .parallel import STRATEGIES
+
+    if STRATEGIES[cfg.mode].one_process_per_device:
+        return [job.devices[job.rank]]
+    return list(job.devices)
+
+
+def _setup_cuda(local: list[Device]) -> None:
+    cuda = [d for d in local if d.kind == "cuda"]
+    if not cuda:
+        return
+    import torch
+
+    torch.cuda.set_device(cuda[0].gpu)
+    for d in cuda:
+        if d.share > 1:
+            # A logical device on a shared GPU is held to its share, like a smaller GPU.
+            torch.cuda.set_per_process_memory_fraction(1.0 / d.share, d.gpu)
+
+
+def _init_distributed(job: RankJob) -> Any:
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(job.store_host, job.store_port, job.world, is_master=False,
+                          timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(job.backend, store=store, rank=job.rank, world_size=job.world)
+    return dist.group.WORLD
+
+
+def _shutdown_distributed() -> None:
+    with contextlib.suppress(Exception):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: SIGKILL this rank when the process that started it dies."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -1,0 +1,1 @@
+"""paralab.resources: presets, the style sheets and icons; data only."""
