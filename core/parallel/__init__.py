@@ -54,6 +54,12 @@ class Strategy:
 
 STRATEGIES: dict[str, Strategy] = {
     "single": Strategy("single", one_process_per_device=False),
+    "data-parallel": Strategy("data_parallel", one_process_per_device=False),
+    "model-parallel": Strategy("model_parallel", one_process_per_device=False),
+    "ddp": Strategy("ddp", one_process_per_device=True),
+    "pipeline": Strategy("pipeline", one_process_per_device=True, loss_from_last_rank=True),
+    "fsdp": Strategy("fsdp", one_process_per_device=True),
+    "tensor-parallel": Strategy("tensor_parallel", one_process_per_device=True),
 }
 
 

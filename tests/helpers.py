@@ -1,0 +1,31 @@
+"""Shared by the tests: run a config to the end and collect its events."""
+
+from __future__ import annotations
+
+from paralab.core.config import RunConfig
+from paralab.core.events import MemorySample, RunEnded, StepDone
+from paralab.core.run import Run
+
+
+def run_events(cfg: RunConfig | None = None, metrics=None, **overrides) -> list:
+    cfg = (cfg or RunConfig()).with_overrides({k.replace("__", "."): v for k, v in overrides.items()})
+    return list(Run(cfg, metrics=metrics).events())
+
+
+def losses(events: list) -> list[float]:
+    return [e.loss for e in events if isinstance(e, StepDone)]
+
+
+def ended(events: list) -> RunEnded:
+    last = events[-1]
+    assert isinstance(last, RunEnded), f"last event is {last!r}"
+    return last
+
+
+def memory_by_device(events: list) -> dict[int, MemorySample]:
+    """The last memory sample of each device."""
+    out: dict[int, MemorySample] = {}
+    for e in events:
+        if isinstance(e, MemorySample):
+            out[e.device] = e
+    return out
