@@ -1,0 +1,77 @@
+"""ddp: DistributedDataParallel — one rank per device, each with a full replica of the
+model and its own slice of the global batch.  During backward DDP all-reduces the
+gradients bucket by bucket, so every replica takes the same optimizer step.
+
+Memory: params, grads and optimizer state are replicated on every device; DDP also
+keeps its all-reduce buckets (a flat copy of the gradients), counted as `other`.
+Communication: a comm hook wraps the default all-reduce and, on sampled steps, times
+each bucket from the moment it is ready to the moment its all-reduce has finished.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data import make_dataset
+from ..models import build_model, loss_fn
+from . import Trainer, learned_line, make_optimizer
+
+
+def apply_ddp(ctx) -> Trainer:
+    cfg, device = ctx.cfg, ctx.local_devices[0]
+    # Same seed on every rank, so every replica starts identical (DDP checks by broadcasting).
+    model = build_model(cfg.model, cfg.seed).to(device.torch_device)
+    ddp = DistributedDataParallel(model, device_ids=[device.gpu] if device.kind == "cuda" else None)
+    data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
+    optimizer = make_optimizer(ddp.parameters(), cfg.train)
+    ctx.ledger.add_params(model.parameters(), device.index)
+    ctx.ledger.add_optimizer(optimizer)
+    ctx.ledger.checkpoint("setup")
+    d, rank = device.index, ctx.rank
+    per_rank = cfg.train.batch_size // ctx.world
+    sampled = {"probe": None}
+    buckets: dict[int, torch.Tensor] = {}
+
+    # No annotations: DDP checks them, and this module's are strings (__future__).
+    def timed_allreduce(group, bucket):
+        buckets[bucket.index()] = bucket.buffer()
+        if bucket.is_last():  # buckets are rebuilt once, after step 1: forget the old ones
+            for k in [k for k in buckets if k > bucket.index()]:
+                del buckets[k]
+        probe = sampled["probe"]
+        if probe is None:
+            return allreduce_hook(group, bucket)
+        start = perf_counter()
+
+        def done(fut: torch.futures.Future) -> torch.Tensor:
+            if device.kind == "cuda":  # NCCL completes on the stream, not on the host
+                torch.cuda.current_stream().synchronize()
+            probe.span(d, "communication", start, perf_counter())
+            return fut.value()
+
+        return allreduce_hook(group, bucket).then(done)
+
+    ddp.register_comm_hook(dist.group.WORLD, timed_allreduce)
+
+    def step(i, probe):
+        x, y = data.batch(i, cfg.train.batch_size)
+        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+        sampled["probe"] = probe if probe.active else None
+        with probe.phase(d, "forward"):
+            out = ddp(x)
+            loss = loss_fn(cfg.model, out, y)
+            probe.other(d, x, y, out, loss, *buckets.values())
+        with probe.phase(d, "backward"):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # returns once every bucket's all-reduce is done
+            probe.other(d, x, y, out, loss, *buckets.values())
+        with probe.phase(d, "optimizer"):
+            optimizer.step()
+        return loss
+
+    return Trainer(step, [optimizer], learned_line(model))
