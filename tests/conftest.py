@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 def no_leftover_ranks():
     """Fails the test if a rank process it started is still alive afterwards.
 
-    The forkserver (a helper that forks ranks, shared by all runs) is not a rank."""
+    multiprocessing's forkserver and resource tracker (helpers shared by all runs) are not ranks."""
     yield
     me = psutil.Process()
     import time
@@ -41,6 +41,8 @@ def no_leftover_ranks():
 
 def _is_rank(p: psutil.Process) -> bool:
     try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE and "forkserver" not in " ".join(p.cmdline())
+        cmd = " ".join(p.cmdline())
+        return (p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                and "forkserver" not in cmd and "resource_tracker" not in cmd)
     except psutil.Error:
         return False

@@ -1,0 +1,93 @@
+"""What does paralab cost?  Training steps/s of `paralab run` against the bare loop.
+
+1. paralab vs the seed: mode single on the CPU, the data-parallel seed's regression
+   (Linear(1,1), 10 000 samples, full batch, Adam), against the seed's own bare loop on
+   the same data, in one run, alternating, median of the repeats.  Target >= 0.95.
+2. instrumented vs uninstrumented, same mode: paralab with its default sampling
+   (memory, spans, utilization at 4 Hz) against paralab with sampling off (only the
+   first steps sampled).  Target >= 0.97.
+
+paralab's steps/s is read from its own step events (first to last step), so process
+start-up is not counted here; benchmarks/startup.py measures that.
+
+    python benchmarks/overhead.py [--steps 3000] [--repeats 3] [--modes single,ddp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from paralab.core import presets
+from paralab.core.data import make_dataset
+from paralab.core.events import StepDone
+from paralab.core.models import build_model, loss_fn
+from paralab.core.run import Run
+
+
+def bare_seed_loop(steps: int) -> float:
+    """The data-parallel seed's loop, verbatim but for the device: steps/s."""
+    cfg = presets.load("seed-data-parallel")
+    data = make_dataset(cfg.data, cfg.model, cfg.seed)
+    X, y = data.inputs, data.targets
+    model = build_model(cfg.model, cfg.seed)
+    criterion = torch.nn.MSELoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    start = time.perf_counter()
+    for _ in range(steps):
+        outputs = model(X)
+        loss = criterion(outputs, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    loss.item()
+    return steps / (time.perf_counter() - start)
+
+
+def paralab_steps_per_s(overrides: dict) -> float:
+    cfg = presets.load("seed-data-parallel").with_overrides(overrides)
+    steps = [e for e in Run(cfg).events() if isinstance(e, StepDone)]
+    # Skip the first 10% (warm-up, the sampled first steps) as the bare loop has no start-up either.
+    first, last = steps[len(steps) // 10], steps[-1]
+    return (last.step - first.step) / (last.time_s - first.time_s)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--modes", default="single,ddp", help="modes for the instrumented/uninstrumented part")
+    args = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    assert loss_fn  # the bare loop uses the seed's own criterion; paralab uses models.loss_fn (MSE)
+
+    base = {"mode": "single", "devices": "sim:1", "train.steps": args.steps}
+    ratios, bare_all, ours_all = [], [], []
+    for _ in range(args.repeats):
+        bare = bare_seed_loop(args.steps)
+        ours = paralab_steps_per_s(base)
+        bare_all.append(bare)
+        ours_all.append(ours)
+        ratios.append(ours / bare)
+    print(f"seed loop (bare)        {statistics.median(bare_all):9.0f} steps/s")
+    print(f"paralab run (single)    {statistics.median(ours_all):9.0f} steps/s")
+    print(f"ratio paralab / bare    {statistics.median(ratios):9.3f}   (target >= 0.95; runs: "
+          + ", ".join(f"{r:.3f}" for r in ratios) + ")")
+
+    for mode in args.modes.split(","):
+        devices = "sim:1" if mode == "single" else "sim:2"
+        cfg = dict(base, mode=mode, devices=devices)
+        ratios = []
+        for _ in range(args.repeats):
+            plain = paralab_steps_per_s(dict(cfg, **{"telemetry.interval_s": 1e9}))
+            instrumented = paralab_steps_per_s(cfg)
+            ratios.append(instrumented / plain)
+        print(f"instrumented / uninstrumented ({mode}, {devices})  {statistics.median(ratios):.3f}   "
+              "(target >= 0.97; runs: " + ", ".join(f"{r:.3f}" for r in ratios) + ")")
+
+
+if __name__ == "__main__":
+    main()
