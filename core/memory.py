@@ -85,6 +85,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return local if isinstance(local, torch.Tensor) else t
 
 
+def _is_parameter(t: torch.Tensor) -> bool:
+    """A parameter, or a view of one (Linear saves weight.t()).  It catches parameters
+    the ledger was not given, such as FSDP's all-gathered full weights: those are
+    parameters saved for backward, never activations."""
+    return isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
+
+
 class MemoryLedger:
     """Bytes by category for the logical devices one process drives."""
 
@@ -128,7 +135,7 @@ class MemoryLedger:
         def pack(t: torch.Tensor) -> Any:
             local = _local(t)
             key = _storage_key(local)
-            if key is None or key in param_keys:
+            if key is None or key in param_keys or _is_parameter(t):
                 return t
             packed = _Packed(t)
             entry = saved.get(key)

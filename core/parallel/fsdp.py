@@ -1,0 +1,110 @@
+"""fsdp: fully sharded data parallel (FSDP2 `fully_shard`) — one rank per device, each
+with its slice of the global batch, as in ddp, but each device keeps only 1/N of every
+parameter, gradient and optimizer state (ZeRO-3).
+
+Each layer of the nn.Sequential is one FSDP unit: just before it runs, its full
+parameters are all-gathered; after backward its gradients are reduce-scattered so each
+device keeps the gradient of its own shard.  placement.reshard_after_forward=True frees
+the gathered parameters after forward and gathers them again in backward (least
+memory); False keeps them until backward (ZeRO-2-like: one all-gather fewer).
+
+Memory: params, grads and optimizer count the local shards (padded so dim 0 splits
+evenly over the devices).  The gathered full parameters are working copies, not what
+the device owns: they count as `other` while they are alive, and never as activations
+(the ledger skips parameters that autograd saves).
+Communication: every all-gather and reduce-scatter is timed on sampled steps.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
+    DefaultAllGather,
+    DefaultReduceScatter,
+)
+from torch.distributed.tensor import DTensor
+
+from ..data import make_dataset
+from ..models import build_model, loss_fn
+from . import Trainer, make_optimizer
+
+
+def apply_fsdp(ctx) -> Trainer:
+    cfg, device = ctx.cfg, ctx.local_devices[0]
+    mesh = init_device_mesh("cuda" if device.kind == "cuda" else "cpu", (ctx.world,))
+    model = build_model(cfg.model, cfg.seed).to(device.torch_device)
+    reshard = cfg.placement.reshard_after_forward
+    # Bottom-up: each layer is a unit, then the root takes whatever is left (nothing here).
+    for layer in model:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    timer = _CommTimer(device)
+    for layer in model:
+        layer.set_custom_all_gather(timer.all_gather)
+        layer.set_custom_reduce_scatter(timer.reduce_scatter)
+    data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
+    optimizer = make_optimizer(model.parameters(), cfg.train)  # on the shards only
+    ctx.ledger.add_params(model.parameters(), device.index)
+    ctx.ledger.add_optimizer(optimizer)
+    ctx.ledger.checkpoint("setup")
+    d, rank = device.index, ctx.rank
+    per_rank = cfg.train.batch_size // ctx.world
+
+    def gathered() -> list[torch.Tensor]:
+        # Registered parameters that are not sharded DTensors are the gathered copies.
+        return [p for p in model.parameters() if not isinstance(p, DTensor)]
+
+    def step(i, probe):
+        x, y = data.batch(i, cfg.train.batch_size)
+        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+        timer.probe = probe if probe.active else None
+        with probe.phase(d, "forward"):
+            out = model(x)
+            loss = loss_fn(cfg.model, out, y)
+            probe.other(d, x, y, out, loss, *gathered())
+        with probe.phase(d, "backward"):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with probe.phase(d, "optimizer"):
+            optimizer.step()
+        return loss
+
+    return Trainer(step, [optimizer])
+
+
+class _CommTimer:
+    """FSDP's own collectives with a stopwatch around them on sampled steps.  FSDP
+    calls both synchronously by default, so the call is the whole collective on the
+    CPU (gloo); on CUDA the host waits for the stream, only on sampled steps."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.probe = None
+        timer = self
+
+        class AllGather(DefaultAllGather):
+            def __call__(self, *args, **kwargs):
+                return timer.timed(super().__call__, *args, **kwargs)
+
+        class ReduceScatter(DefaultReduceScatter):
+            def __call__(self, *args, **kwargs):
+                return timer.timed(super().__call__, *args, **kwargs)
+
+        self.all_gather, self.reduce_scatter = AllGather(), ReduceScatter()
+
+    def timed(self, collective, *args, **kwargs):
+        probe = self.probe
+        if probe is None:
+            return collective(*args, **kwargs)
+        start = perf_counter()
+        work = collective(*args, **kwargs)
+        if work is not None:  # an asynchronous call (FSDP's unshard_async_op)
+            work.wait()
+        if self.device.kind == "cuda":
+            torch.cuda.current_stream().synchronize()
+        probe.span(self.device.index, "communication", start, perf_counter())
+        return work
