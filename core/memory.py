@@ -113,6 +113,12 @@ class MemoryLedger:
         self._params[device].extend(params)
         self._refresh_param_keys()
 
+    def set_params(self, params: Iterable[torch.Tensor], device: int) -> None:
+        """Replace what `device` holds: replicas made anew each step (nn.DataParallel)
+        are counted while they live and not kept alive by the ledger afterwards."""
+        self._params[device] = list(params)
+        self._refresh_param_keys()
+
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizers.append(optimizer)
 

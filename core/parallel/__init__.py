@@ -35,7 +35,11 @@ def learned_line(model: torch.nn.Module) -> Callable[[], str] | None:
     params = list(model.parameters())
     if len(params) != 2 or params[0].numel() != 1:
         return None
-    return lambda: f"learned y = {params[0].item():.3f}·x + {params[1].item():+.3f}"
+    def line() -> str:
+        b = params[1].item()
+        return f"learned y = {params[0].item():.3f}·x {'-' if b < 0 else '+'} {abs(b):.3f}"
+
+    return line
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,122 @@
+"""model-parallel: the model-parallel seed's naive split, for any model and device count.
+
+Consecutive layers live on consecutive devices (models.split_layers: 3 layers on 2
+devices -> 1 | 2, the seed's SplitNN).  The batch goes through the devices one after
+the other and the gradients come back the same way, so only one device works at a time
+while the others idle: the waste pipeline parallelism fills with micro-batches.  One
+optimizer steps every parameter, each on its own device, as in the seed.
+
+At each boundary the activation is copied to the next device (`.to()`, as the seed's
+`.cuda(1)`; a real copy on simulated devices too) and detached there, so that backward
+can run part by part and be timed on the device that does it.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+from ..data import Dataset, make_dataset
+from ..models import build_model, loss_fn, split_layers
+from . import Trainer, learned_line, make_optimizer
+
+
+def apply_model_parallel(ctx) -> Trainer:
+    cfg, devices = ctx.cfg, ctx.local_devices
+    first, last = devices[0], devices[-1]
+    model = build_model(cfg.model, cfg.seed)
+    ranges = split_layers(len(model), len(devices), cfg.placement.split)
+    parts = [model[r.start:r.stop].to(d.torch_device) for r, d in zip(ranges, devices)]
+    whole = make_dataset(cfg.data, cfg.model, cfg.seed)
+    data = Dataset(whole.inputs.to(first.torch_device), whole.targets.to(last.torch_device))
+    optimizer = make_optimizer(model.parameters(), cfg.train)
+    for part, d in zip(parts, devices):
+        ctx.ledger.add_params(part.parameters(), d.index)
+    ctx.ledger.add_optimizer(optimizer)
+    ctx.ledger.checkpoint("setup")
+
+    def step(i, probe):
+        x, y = data.batch(i, cfg.train.batch_size)
+        busy: dict[int, list[tuple[float, float]]] = {d.index: [] for d in devices}
+
+        def sent(src, dst, start: float) -> None:  # a copy between two devices keeps both busy
+            end = perf_counter()
+            for device in (src, dst):
+                busy[device.index].append((start, end))
+                probe.span(device.index, "communication", start, end)
+
+        inputs, outputs = [x], []
+        for k, (part, d) in enumerate(zip(parts, devices)):
+            if k:
+                start = perf_counter()
+                inputs.append(outputs[-1].detach().to(d.torch_device, copy=True).requires_grad_())
+                sent(devices[k - 1], d, start)
+            start = perf_counter()
+            with probe.phase(d.index, "forward"):
+                out = part(inputs[k])
+                if d is last:
+                    loss = loss_fn(cfg.model, out, y)
+                    probe.other(d.index, inputs[k], y, out.detach(), loss.detach())
+                else:
+                    probe.other(d.index, inputs[k], out.detach())
+            busy[d.index].append((start, perf_counter()))
+            outputs.append(out)
+
+        optimizer.zero_grad(set_to_none=True)
+        for k in reversed(range(len(parts))):
+            d = devices[k]
+            if d is not last:
+                start = perf_counter()
+                grad = inputs[k + 1].grad.to(d.torch_device)
+                sent(devices[k + 1], d, start)
+            start = perf_counter()
+            with probe.phase(d.index, "backward"):
+                if d is last:
+                    loss.backward()
+                else:
+                    outputs[k].backward(grad)
+            busy[d.index].append((start, perf_counter()))
+
+        # One optimizer over every parameter: each device updates its own layers.
+        start = perf_counter()
+        with probe.phase(first.index, "optimizer"):
+            optimizer.step()
+        end = perf_counter()
+        for d in devices[1:]:
+            probe.span(d.index, "optimizer", start, end)
+        if probe.active:
+            _idle(probe, busy)
+        return loss.detach()
+
+    return Trainer(step, [optimizer], learned_line(model))
+
+
+def _idle(probe, busy: dict[int, list[tuple[float, float]]]) -> None:
+    """A device idles while another one works and it does not: it waits for its turn."""
+    for device, own in busy.items():
+        others = sorted(iv for d, ivs in busy.items() if d != device for iv in ivs)
+        for start, end in _minus(_union(others), sorted(own)):
+            probe.span(device, "idle", start, end)
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in intervals:
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _minus(intervals: list[tuple[float, float]], holes: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out = []
+    for a, b in intervals:
+        for h0, h1 in holes:
+            if h1 <= a or h0 >= b:
+                continue
+            if h0 > a:
+                out.append((a, h0))
+            a = max(a, h1)
+        if b > a:
+            out.append((a, b))
+    return out
