@@ -103,6 +103,10 @@ def layout_problems(cfg: RunConfig, n: int) -> list[str]:
     if mode == "pipeline":
         if t.batch_size % t.micro_batches:
             out.append(f"batch size {t.batch_size} does not split into {t.micro_batches} micro-batches")
+        if t.schedule == "1f1b" and t.micro_batches < n:
+            # torch's Schedule1F1B refuses it: every stage must have a forward in flight.
+            out.append(f"schedule 1f1b needs at least as many micro-batches as devices; "
+                       f"use train.micro_batches of {n} or more, or the gpipe schedule")
     if mode == "tensor-parallel":
         out.extend(_tensor_parallel_problems(cfg, n))
     return out

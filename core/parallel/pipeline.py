@@ -1,0 +1,167 @@
+"""pipeline: one stage per rank, micro-batches flowing through torch.distributed.pipelining.
+
+Each rank builds the whole model from the seed and keeps only its layers (the same
+split as model-parallel).  The global batch is cut into micro-batches: GPipe runs every
+forward, then every backward; 1F1B starts backwards as soon as the last stage can, so
+fewer micro-batches' activations are alive at once.  Either way a stage waits while
+the pipeline fills and drains: that wait, the *bubble*, is what this mode shows.  On
+sampled steps every micro-batch's forward and backward becomes a span, and the gaps in
+between, where the rank sits in send/recv waiting for a neighbour, become idle spans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterable
+from time import perf_counter
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from ..data import make_dataset
+from ..models import build_model, loss_fn, num_layers, split_layers
+from . import Trainer, make_optimizer
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+class _TimedStage(PipelineStage):
+    """A PipelineStage that notes when each micro-batch's forward and backward ran.
+
+    Both schedules call forward_one_chunk / backward_one_chunk once per micro-batch and
+    do their send/recv outside them (schedules.py), so these edges are the compute.
+    Module hooks would not do: the backward hook of the first stage fires before its
+    weight gradients exist, since its input needs no gradient."""
+
+    def __init__(self, *args, ledger, device_index: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ledger, self.device_index = ledger, device_index
+        self.probe = None
+        self.compute: list[list] = []
+        """[phase, start, end, end of the memory checkpoint] per micro-batch, on sampled steps."""
+
+    def _timed(self, phase: str, run, *args, **kwargs):
+        self.probe.where = (self.device_index, phase)
+        if not self.probe.active:
+            return run(*args, **kwargs)
+        start = perf_counter()
+        out = run(*args, **kwargs)
+        span = [phase, start, perf_counter(), 0.0]
+        # Taken while the other micro-batches are still in flight: the pipeline's peak.
+        self.ledger.checkpoint(phase)
+        span[3] = perf_counter()  # the checkpoint is the probe's time, not the rank's: not idle
+        self.compute.append(span)
+        return out
+
+    def forward_one_chunk(self, *args, **kwargs):
+        return self._timed("forward", super().forward_one_chunk, *args, **kwargs)
+
+    def backward_one_chunk(self, *args, **kwargs):
+        return self._timed("backward", super().backward_one_chunk, *args, **kwargs)
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The receive buffers the stage keeps for every micro-batch's activations and gradients."""
+        infos = [*self.args_recv_info.values(), *self.grad_recv_info.values()]
+        return [i.buffer for chunk in infos for i in chunk if isinstance(i.buffer, torch.Tensor)]
+
+
+def apply_pipeline(ctx) -> Trainer:
+    cfg, device = ctx.cfg, ctx.local_devices[0]
+    rank, world, d = ctx.rank, ctx.world, device.index
+    m, batch_size = cfg.train.micro_batches, cfg.train.batch_size
+    if not dist.is_initialized():
+        # One device: a one-stage pipeline (plain gradient accumulation) still needs a group.
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    layers = split_layers(num_layers(cfg.model), world, cfg.placement.split)[rank]
+    model = build_model(cfg.model, cfg.seed)
+    submod = nn.Sequential(*(model[j] for j in layers)).to(device.torch_device)
+    del model  # the other ranks' layers
+    data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
+    example_in, example_out = _example_io(cfg, data, layers, batch_size // m)
+    stage = _TimedStage(submod, rank, world, torch.device(device.torch_device),
+                        input_args=example_in, output_args=example_out,
+                        ledger=ctx.ledger, device_index=d)
+    first, last = rank == 0, rank == world - 1
+
+    def stage_loss(out, y):
+        loss = loss_fn(cfg.model, out, y)
+        if stage.probe.active and stage.compute:
+            # The loss is part of the last stage's forward.
+            stage.compute[-1][2] = stage.compute[-1][3] = perf_counter()
+        return loss
+
+    schedule = SCHEDULES[cfg.train.schedule](stage, n_microbatches=m, loss_fn=stage_loss)
+    optimizer = make_optimizer(submod.parameters(), cfg.train)
+    ctx.ledger.add_params(submod.parameters(), d)
+    ctx.ledger.add_optimizer(optimizer)
+    ctx.ledger.checkpoint("setup")
+
+    def step(i, probe):
+        x, y = data.batch(i, batch_size)
+        mine = ([x] if first else []) + ([y] if last else [])
+        stage.probe, stage.compute = probe, []
+        losses: list[torch.Tensor] = []
+        probe.other(d, *mine, *stage.buffers())
+        # Gradients accumulate over the micro-batches; the schedule divides by m.
+        optimizer.zero_grad(set_to_none=True)
+        start = perf_counter()
+        recording = ctx.ledger.recording(d) if probe.active else contextlib.nullcontext()
+        with recording:  # activations of every micro-batch in flight count on this device
+            schedule.step(*([x] if first else []), **({"target": y, "losses": losses} if last else {}),
+                          return_outputs=False)
+        end = perf_counter()
+        if probe.active:
+            _spans(probe, d, stage.compute, start, end)
+            probe.other(d, *mine, *stage.buffers(), *losses)
+            ctx.ledger.checkpoint("backward")
+        with probe.phase(d, "optimizer"):
+            optimizer.step()
+        # Equal micro-batches and a mean loss: the mean of their losses is the batch's loss.
+        return torch.stack(losses).mean().detach() if last else None
+
+    return Trainer(step, [optimizer])
+
+
+def _example_io(cfg, data, layers: range, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This stage's input and output for one micro-batch, as meta tensors: the shapes,
+    dtypes and requires_grad the stage sends and receives, found without computing."""
+    model = build_model(cfg.model, cfg.seed, device="meta")
+    x = torch.empty_like(data.batch(1, micro)[0], device="meta")
+    for j in range(layers.start):
+        x = model[j](x)
+    stage_in = x
+    for j in layers:
+        x = model[j](x)
+    return stage_in, x
+
+
+def _spans(probe, device: int, compute: list[list], start: float, end: float) -> None:
+    """Compute spans as timed, and every gap of the schedule between them as idle."""
+    t = start
+    for phase, s, e, resume in compute:
+        if s > t:
+            probe.span(device, "idle", t, s)
+        probe.span(device, phase, s, e)
+        t = resume
+    if end > t:
+        probe.span(device, "idle", t, end)
+
+
+def bubble_fraction(spans: Iterable, device: int, step: int | None = None) -> float:
+    """The share of `device`'s pipeline time (its forward, backward and idle spans, of
+    one step or of every sampled step) that it sat idle; 0.0 without spans."""
+    time: dict[str, float] = defaultdict(float)
+    for s in spans:
+        if s.device == device and s.phase in ("forward", "backward", "idle") and step in (None, s.step):
+            time[s.phase] += s.end_s - s.start_s
+    total = sum(time.values())
+    return time["idle"] / total if total > 0 else 0.0
+
+
+def ideal_bubble(stages: int, micro_batches: int) -> float:
+    """GPipe's and 1F1B's bubble with equal stages and free communication: (p-1)/(m+p-1)."""
+    return (stages - 1) / (micro_batches + stages - 1)

@@ -1,0 +1,141 @@
+"""pipeline: GPipe and 1F1B over torch.distributed.pipelining train like single, each
+device holds only its stage, and the timeline shows every micro-batch and the bubble."""
+
+from __future__ import annotations
+
+import pytest
+from paralab.core.config import ConfigError, RunConfig
+from paralab.core.events import MemorySample, PhaseSpan
+from paralab.core.models import build_model, num_layers, split_layers
+from paralab.core.parallel.pipeline import bubble_fraction, ideal_bubble
+from paralab.core.run import Run
+
+from tests.helpers import ended, losses, memory_by_device, run_events
+
+MODELS = {
+    "mlp": dict(model__kind="mlp", model__width=32, model__depth=2, train__batch_size=8, train__micro_batches=4),
+    "transformer": dict(model__kind="transformer", model__width=32, model__depth=2, model__heads=2,
+                        model__seq_len=16, model__vocab=64, train__batch_size=8, train__micro_batches=2),
+}
+_runs: dict[tuple, list] = {}
+
+
+def _events(model: str, mode: str = "pipeline", schedule: str = "gpipe", devices: str = "sim:2") -> list:
+    """Each run once per session: several tests read the same run."""
+    key = (model, mode, schedule, devices)
+    if key not in _runs:
+        _runs[key] = run_events(mode=mode, devices=devices, train__schedule=schedule, train__steps=20,
+                                **MODELS[model])
+    return _runs[key]
+
+
+def _spans(events: list, device: int) -> dict[int, list[PhaseSpan]]:
+    """A device's spans by step, in time order."""
+    out: dict[int, list[PhaseSpan]] = {}
+    for e in events:
+        if isinstance(e, PhaseSpan) and e.device == device:
+            out.setdefault(e.step, []).append(e)
+    return {step: sorted(spans, key=lambda s: s.start_s) for step, spans in out.items()}
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
+def test_losses_match_single_step_by_step(model, schedule, no_leftover_ranks):
+    reference = _events(model, mode="single", devices="sim:1")
+    events = _events(model, schedule=schedule)
+    assert ended(events).status == "ok", ended(events).message
+    want, got = losses(reference), losses(events)
+    assert len(got) == len(want) == 20
+    for step, (a, b) in enumerate(zip(want, got, strict=True), 1):
+        assert b == pytest.approx(a, rel=1e-4), f"step {step}: single {a}, pipeline {b}"
+    assert got[-1] < got[0]  # and it trains
+
+
+def test_one_device_is_a_one_stage_pipeline(no_leftover_ranks):
+    events = _events("mlp", devices="sim:1")
+    assert ended(events).status == "ok", ended(events).message
+    assert losses(events) == pytest.approx(losses(_events("mlp", mode="single", devices="sim:1")), rel=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_each_device_holds_only_its_stage(schedule, no_leftover_ranks):
+    cfg = RunConfig().with_overrides({k.replace("__", "."): v for k, v in MODELS["mlp"].items()})
+    model = build_model(cfg.model, cfg.seed)
+    memory = memory_by_device(_events("mlp", schedule=schedule))
+    stages = split_layers(num_layers(cfg.model), 2)
+    assert sorted(memory) == [0, 1]
+    for device, layers in enumerate(stages):
+        expected = sum(p.numel() * p.element_size() for j in layers for p in model[j].parameters())
+        assert memory[device].bytes["params"] == expected
+        assert memory[device].bytes["optimizer"] == 2 * expected  # Adam's two moments of its own params
+    whole = memory_by_device(_events("mlp", mode="single", devices="sim:1"))[0].bytes["params"]
+    assert memory[0].bytes["params"] + memory[1].bytes["params"] == whole
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_spans_show_every_micro_batch_and_the_bubble(schedule, no_leftover_ranks):
+    events = _events("mlp", schedule=schedule)
+    m = MODELS["mlp"]["train__micro_batches"]
+    for device in (0, 1):
+        by_step = _spans(events, device)
+        assert 1 in by_step and 2 in by_step  # the first steps are always sampled
+        for step, spans in by_step.items():
+            phases = [s.phase for s in spans]
+            assert phases.count("forward") == m and phases.count("backward") == m, (step, phases)
+            assert phases.count("optimizer") == 1 and phases[-1] == "optimizer"
+            assert "idle" in phases  # the bubble
+            for a, b in zip(spans, spans[1:]):
+                assert a.end_s <= b.start_s + 1e-9, f"device {device} step {step}: {a} overlaps {b}"
+            forwards = [s for s in spans if s.phase == "forward"]
+            backwards = [s for s in spans if s.phase == "backward"]
+            if schedule == "gpipe":
+                assert forwards[-1].end_s <= backwards[0].start_s  # fill, then drain
+            elif device == 0:
+                # 1F1B with m > p: the first stage starts a backward before its last forward.
+                assert backwards[0].start_s < forwards[-1].start_s
+        assert 0 < bubble_fraction([s for ss in by_step.values() for s in ss], device) < 1
+
+
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
+def test_gpipe_keeps_more_micro_batches_alive_than_1f1b(model, no_leftover_ranks):
+    def peak_activations(events, device=0):
+        return max(e.bytes["activations"] for e in events if isinstance(e, MemorySample) and e.device == device)
+
+    gpipe, one_f_one_b = (peak_activations(_events(model, schedule=s)) for s in ("gpipe", "1f1b"))
+    assert gpipe > 0
+    if MODELS[model]["train__micro_batches"] > 2:
+        # m > p: GPipe holds all m micro-batches' activations on stage 0, 1F1B about p.
+        assert gpipe > one_f_one_b
+    else:
+        # m == p: 1F1B's warm-up is every micro-batch, the same order as GPipe.
+        assert gpipe == one_f_one_b
+
+
+def test_bubble_fraction_is_the_idle_share():
+    spans = [PhaseSpan(0, "forward", 0.0, 1.0, 1), PhaseSpan(0, "idle", 1.0, 2.0, 1),
+             PhaseSpan(0, "backward", 2.0, 4.0, 1), PhaseSpan(0, "optimizer", 4.0, 9.0, 1),
+             PhaseSpan(1, "idle", 0.0, 4.0, 1), PhaseSpan(0, "forward", 10.0, 14.0, 2)]
+    assert bubble_fraction(spans, 0, step=1) == pytest.approx(0.25)
+    assert bubble_fraction(spans, 0) == pytest.approx(1 / 8)
+    assert bubble_fraction(spans, 1) == 1.0
+    assert bubble_fraction(spans, 2) == 0.0
+    assert ideal_bubble(2, 4) == pytest.approx(0.2)
+    assert ideal_bubble(4, 4) == pytest.approx(3 / 7)
+
+
+def _pipeline(**overrides) -> RunConfig:
+    base = {"mode": "pipeline", "devices": "sim:2", **{k.replace("__", "."): v for k, v in MODELS["mlp"].items()}}
+    return RunConfig().with_overrides({**base, **overrides})
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    ({"devices": "sim:4", "model.depth": 1}, "more stages than layers"),
+    ({"train.batch_size": 10}, "does not split into 4 micro-batches"),
+    ({"train.schedule": "1f1b", "train.micro_batches": 1}, "at least as many micro-batches as devices"),
+])
+def test_bad_layouts_are_refused_with_a_sentence(overrides, words, no_leftover_ranks):
+    assert _pipeline().validate() == []
+    problems = _pipeline(**overrides).validate()
+    assert len(problems) == 1 and words in problems[0], problems
+    with pytest.raises(ConfigError, match=words):
+        Run(_pipeline(**overrides))
