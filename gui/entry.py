@@ -18,8 +18,10 @@ def _setup(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from .app import main as app_main
 
-    cfg = cli.load_config(args) if (args.preset or args.config or args.overrides) else None
-    return app_main(cfg, start=args.start)
+    # The bare `paralab` command opens the app without the gui subcommand's arguments.
+    named = any(getattr(args, name, None) for name in ("preset", "config", "overrides"))
+    cfg = cli.load_config(args) if named else None
+    return app_main(cfg, start=getattr(args, "start", False))
 
 
 def main(argv: list[str] | None = None) -> int:

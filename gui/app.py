@@ -1,0 +1,48 @@
+"""The desktop app: `paralab gui [--preset NAME | --config FILE] [--start]`.
+
+SIGINT and SIGTERM close the window the way the close button does: the run is stopped,
+every rank ends, then the app quits with 128 + the signal number.  Python runs signal
+handlers only between bytecodes, so a slow no-op timer hands it control while Qt's
+event loop waits.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication
+
+from ..core.config import RunConfig
+from .main_window import MainWindow
+
+
+def main(cfg: RunConfig | None = None, start: bool = False) -> int:
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setOrganizationName("paralab")
+    app.setApplicationName("paralab")
+    window = MainWindow(cfg)
+    window.show()
+    if start:
+        QTimer.singleShot(0, window.start_run)
+
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        QTimer.singleShot(0, window.close)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    wake = QTimer()
+    wake.timeout.connect(lambda: None)
+    wake.start(200)
+    try:
+        code = app.exec()
+    finally:
+        wake.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        window.controller.shutdown()  # normally a no-op: closing already ended the run
+        window.controller.cleanup()
+    return 128 + received[0] if received else code

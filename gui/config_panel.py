@@ -1,0 +1,578 @@
+"""ConfigPanel: the form that builds a RunConfig.
+
+The form never parses anything itself: every field's value goes through
+`config.set_value` (the same conversion the CLI's --set and TOML files use), and the
+problems shown are the sentences of `RunConfig.validate()`.  The predicted memory per
+device comes from `core.estimate`, computed in a background thread after the settings
+have been still for a moment.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from PySide6.QtCore import QObject, Qt, QTimer, Signal
+from PySide6.QtWidgets import (
+    QButtonGroup,
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QRadioButton,
+    QScrollArea,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core import devices as core_devices
+from ..core.config import (
+    DATASETS,
+    MODELS,
+    MODES,
+    OPTIMIZERS,
+    SCHEDULES,
+    ConfigError,
+    RunConfig,
+    field_docs,
+    get_value,
+    human_bytes,
+    set_value,
+)
+from ..core.models import layer_names, split_layers
+
+# Two lines per mode: what it does, then what to watch while it runs.
+MODE_NOTES = {
+    "single": ("One device trains the whole model: the baseline every other mode must match.",
+               "Watch: the loss curve the other modes reproduce, and one device's memory by category."),
+    "data-parallel": ("nn.DataParallel, as in the seed: one process copies the model to every device "
+                      "each step and splits the batch.",
+                      "Watch: device 0 gathers outputs and gradients, so its memory stands above the rest."),
+    "model-parallel": ("The naive split, as in the seed: consecutive layers live on different devices "
+                       "and activations hop between them.",
+                       "Watch the timeline: only one device computes at a time, the others idle."),
+    "ddp": ("DistributedDataParallel: one process per device, each with the whole model and its "
+            "share of the batch.",
+            "Watch: equal memory on every device, and all-reduce (communication) during backward."),
+    "pipeline": ("Pipeline: layers in stages on the devices; micro-batches flow through them "
+                 "(GPipe or 1F1B).",
+                 "Watch the timeline's idle bubbles shrink with more micro-batches; 1F1B holds fewer activations."),
+    "fsdp": ("FSDP2: parameters, gradients and optimizer state are sharded over the devices and "
+             "gathered layer by layer when needed.",
+             "Watch: params, grads and optimizer memory divided by the device count, against DDP."),
+    "tensor-parallel": ("Tensor parallel (DTensor): every layer's weight matrices are split over "
+                        "the devices.",
+                        "Watch: params per device shrink; communication appears inside forward and backward."),
+}
+
+LAYER_MODES = ("model-parallel", "pipeline")
+ESTIMATE_DELAY_MS = 400
+
+
+class _EstimateSignals(QObject):
+    done = Signal(int, object, str)  # generation, Estimate or None, error sentence
+
+
+class ConfigPanel(QWidget):
+    """Emits `config_changed(RunConfig | None, problems)` after every edit."""
+
+    config_changed = Signal(object, list)
+    estimate_ready = Signal(object)
+    """The Estimate for the current config (or None when it cannot be predicted)."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._base = RunConfig()
+        self._config: RunConfig | None = None
+        self._problems: list[str] = []
+        self._split: tuple[int, ...] = ()
+        self._loading = False
+        self._docs = field_docs()
+        self._fields: dict[str, QWidget] = {}
+        self._gpus = core_devices.list_gpus()
+        self.estimate: Any = None
+        self._generation = 0
+        self._estimate_lock = threading.Lock()
+        self._estimate_next: tuple[int, RunConfig | None] | None = None
+        self._estimate_busy = False
+        self._estimate_signals = _EstimateSignals(self)
+        self._estimate_signals.done.connect(self._on_estimate)
+        self._estimate_timer = QTimer(self)
+        self._estimate_timer.setSingleShot(True)
+        self._estimate_timer.setInterval(ESTIMATE_DELAY_MS)
+        self._estimate_timer.timeout.connect(self._start_estimate)
+        self._build()
+        self.set_config(RunConfig())
+
+    # ---- public --------------------------------------------------------------------------
+
+    def config(self) -> RunConfig | None:
+        return self._config
+
+    def problems(self) -> list[str]:
+        return list(self._problems)
+
+    def set_config(self, cfg: RunConfig) -> None:
+        """Show cfg in the form (presets, files, the remembered config)."""
+        self._loading = True
+        try:
+            self._base = cfg
+            self._split = cfg.placement.split
+            self._set_combo(self.mode, cfg.mode)
+            self._show_devices(cfg.devices)
+            self.memory.setText(str(cfg.to_dict()["sim"]["memory"]))
+            m, t = cfg.model, cfg.train
+            self._set_combo(self.model_kind, m.kind)
+            self._set_combo(self.data_kind, cfg.data.kind)
+            for key, box in self._spins.items():
+                box.setValue(get_value(cfg, key))
+            self._set_combo(self.schedule, t.schedule)
+            self._set_combo(self.optimizer, t.optimizer)
+            self.lr.setText(repr(t.lr))
+            self.reshard.setChecked(cfg.placement.reshard_after_forward)
+            self.title.setText(cfg.name or "")
+            self.title.setVisible(bool(cfg.name))
+            self.description.setText(cfg.description or "")
+            self.description.setVisible(bool(cfg.description))
+        finally:
+            self._loading = False
+        self._changed()
+
+    # ---- building the form ---------------------------------------------------------------
+
+    def _build(self) -> None:
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # the form fits the dock's width
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        outer.addWidget(scroll)
+        body = QWidget()
+        scroll.setWidget(body)
+        lay = QVBoxLayout(body)
+
+        self.title = QLabel(objectName="configTitle", wordWrap=True)
+        self.description = QLabel(objectName="configDescription", wordWrap=True)
+        lay.addWidget(self.title)
+        lay.addWidget(self.description)
+
+        # Mode
+        box = QGroupBox("Parallelism")
+        form = QVBoxLayout(box)
+        self.mode = self._combo(MODES, "mode")
+        self.mode_notes = QLabel(objectName="modeNotes", wordWrap=True)
+        form.addWidget(self.mode)
+        form.addWidget(self.mode_notes)
+        lay.addWidget(box)
+
+        lay.addWidget(self._build_devices())
+
+        # Placement of layers (model-parallel and pipeline)
+        self.placement_box = QGroupBox("Which device holds which layers")
+        pl = QVBoxLayout(self.placement_box)
+        self.placement = QTableWidget(0, 2)
+        self.placement.setHorizontalHeaderLabels(["layer", "device"])
+        self.placement.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.placement.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+        self.placement.verticalHeader().setVisible(False)
+        self.placement.setToolTip(self._docs["placement.split"])
+        self.even_split = QPushButton("Even split")
+        self.even_split.setToolTip("Spread the layers as evenly as can be (extra layers on the last devices).")
+        self.even_split.clicked.connect(self._on_even_split)
+        pl.addWidget(self.placement)
+        pl.addWidget(self.even_split, alignment=Qt.AlignmentFlag.AlignRight)
+        lay.addWidget(self.placement_box)
+
+        # Model
+        box = QGroupBox("Model")
+        form = QFormLayout(box)
+        self.model_kind = self._combo(MODELS, "model.kind")
+        self.data_kind = self._combo(DATASETS, "data.kind")
+        form.addRow("Model", self.model_kind)
+        self._spins: dict[str, QSpinBox] = {}
+        for key, label, lo, hi in (("model.width", "Width", 1, 65536), ("model.depth", "Depth", 1, 1024),
+                                   ("model.heads", "Heads", 1, 1024), ("model.seq_len", "Sequence length", 1, 65536),
+                                   ("model.vocab", "Vocabulary", 2, 1 << 20)):
+            form.addRow(label, self._spin(key, lo, hi))
+        form.addRow("Data", self.data_kind)
+        lay.addWidget(box)
+
+        # Training
+        box = QGroupBox("Training")
+        form = QFormLayout(box)
+        form.addRow("Batch size", self._spin("train.batch_size", 1, 1 << 20))
+        form.addRow("Micro-batches", self._spin("train.micro_batches", 1, 4096))
+        self.schedule = self._combo(SCHEDULES, "train.schedule")
+        form.addRow("Schedule", self.schedule)
+        self.optimizer = self._combo(OPTIMIZERS, "train.optimizer")
+        form.addRow("Optimizer", self.optimizer)
+        self.lr = self._line("train.lr")
+        form.addRow("Learning rate", self.lr)
+        form.addRow("Steps", self._spin("train.steps", 1, 10**9))
+        form.addRow("Seed", self._spin("seed", 0, 2**31 - 1))
+        self.reshard = QCheckBox("Reshard after forward (FSDP)")
+        self.reshard.setToolTip(self._docs["placement.reshard_after_forward"])
+        self.reshard.toggled.connect(self._changed)
+        form.addRow(self.reshard)
+        lay.addWidget(box)
+
+        # Problems and the prediction
+        self.problems_label = QLabel(objectName="problems", wordWrap=True)
+        self.problems_label.setTextFormat(Qt.TextFormat.PlainText)
+        lay.addWidget(self.problems_label)
+        box = QGroupBox("Predicted peak memory")
+        pv = QVBoxLayout(box)
+        self.estimate_label = QLabel(wordWrap=True, objectName="estimate")
+        self.estimate_warning = QLabel(wordWrap=True, objectName="estimateWarning")
+        pv.addWidget(self.estimate_label)
+        pv.addWidget(self.estimate_warning)
+        self.estimate_box = box
+        lay.addWidget(box)
+        lay.addStretch(1)
+
+    def _build_devices(self) -> QGroupBox:
+        box = QGroupBox("Devices")
+        box.setToolTip(self._docs["devices"])
+        v = QVBoxLayout(box)
+        self.device_kind = QButtonGroup(self)
+        self.dev_auto = QRadioButton("Automatic (every GPU, or 2 simulated)")
+        self.dev_sim = QRadioButton("Simulated on the CPU")
+        self.dev_gpu = QRadioButton("GPUs")
+        for i, b in enumerate((self.dev_auto, self.dev_sim, self.dev_gpu)):
+            self.device_kind.addButton(b, i)
+        self.device_kind.idToggled.connect(lambda _id, on: on and self._changed())
+
+        v.addWidget(self.dev_auto)
+        v.addWidget(self.dev_sim)
+        row = QFormLayout()
+        row.setContentsMargins(24, 0, 0, 0)
+        self.sim_count = QSpinBox(minimum=1, maximum=64)
+        self.sim_count.setToolTip("How many simulated devices.")
+        self.sim_count.valueChanged.connect(self._changed)
+        self.memory = self._line("sim.memory")
+        row.addRow("Devices", self.sim_count)
+        row.addRow("Capacity each", self.memory)
+        v.addLayout(row)
+
+        v.addWidget(self.dev_gpu)
+        gpu_box = QWidget()
+        g = QVBoxLayout(gpu_box)
+        g.setContentsMargins(24, 0, 0, 0)
+        self.gpu_checks: list[QCheckBox] = []
+        for gpu in self._gpus:
+            c = QCheckBox(f"cuda:{gpu.index}  {gpu.name}  ({human_bytes(gpu.total_bytes)})")
+            c.toggled.connect(self._changed)
+            self.gpu_checks.append(c)
+            g.addWidget(c)
+        share = QHBoxLayout()
+        self.share = QCheckBox("Share one GPU between")
+        self.share.setToolTip("N logical devices on the first checked GPU, each capped at 1/N of its memory.")
+        self.share.toggled.connect(self._changed)
+        self.share_count = QSpinBox(minimum=2, maximum=16, suffix=" devices")
+        self.share_count.valueChanged.connect(self._changed)
+        share.addWidget(self.share)
+        share.addWidget(self.share_count)
+        share.addStretch(1)
+        g.addLayout(share)
+        v.addWidget(gpu_box)
+        if not self._gpus:
+            from ..core import nvml
+
+            self.dev_gpu.setEnabled(False)
+            gpu_box.setVisible(False)
+            self.dev_gpu.setText("GPUs (none found)")
+            self.dev_gpu.setToolTip(nvml.unavailable_reason() or "NVML sees no GPU on this machine.")
+        return box
+
+    def _combo(self, items: tuple[str, ...], key: str) -> QComboBox:
+        c = QComboBox()
+        c.addItems(list(items))
+        c.setToolTip(self._docs.get(key, ""))
+        c.currentTextChanged.connect(self._changed)
+        self._fields[key] = c
+        return c
+
+    def _spin(self, key: str, lo: int, hi: int) -> QSpinBox:
+        s = QSpinBox(minimum=lo, maximum=hi)
+        s.setToolTip(self._docs.get(key, ""))
+        s.setKeyboardTracking(False)  # one change per finished number, not per keystroke
+        s.valueChanged.connect(self._changed)
+        self._spins[key] = s
+        self._fields[key] = s
+        return s
+
+    def _line(self, key: str) -> QLineEdit:
+        e = QLineEdit()
+        e.setToolTip(self._docs.get(key, ""))
+        e.textChanged.connect(self._changed)
+        self._fields[key] = e
+        return e
+
+    @staticmethod
+    def _set_combo(combo: QComboBox, text: str) -> None:
+        if combo.findText(text) < 0:
+            combo.addItem(text)  # an unknown value from a file stays visible; validate() names it
+        combo.setCurrentText(text)
+
+    # ---- devices ---------------------------------------------------------------------------
+
+    def _show_devices(self, spec_text: str) -> None:
+        try:
+            spec = core_devices.parse_spec(spec_text)
+        except ConfigError:
+            spec = core_devices.DeviceSpec("auto")
+        if spec.kind == "sim":
+            self.dev_sim.setChecked(True)
+            self.sim_count.setValue(spec.count)
+        elif spec.kind == "cuda" and self._gpus:
+            self.dev_gpu.setChecked(True)
+            for c, gpu in zip(self.gpu_checks, self._gpus):
+                c.setChecked(gpu.index in spec.gpus)
+            self.share.setChecked(spec.share > 1)
+            if spec.share > 1:
+                self.share_count.setValue(spec.share)
+        else:
+            self.dev_auto.setChecked(True)
+
+    def _device_spec(self) -> tuple[str, str | None]:
+        """(devices text, a problem or None) from the device widgets."""
+        if self.dev_sim.isChecked():
+            return f"sim:{self.sim_count.value()}", None
+        if self.dev_gpu.isChecked():
+            chosen = [gpu.index for c, gpu in zip(self.gpu_checks, self._gpus) if c.isChecked()]
+            if not chosen:
+                return "auto", "check at least one GPU"
+            if self.share.isChecked():
+                return f"cuda:{chosen[0]}x{self.share_count.value()}", None
+            return "cuda:" + ",".join(str(i) for i in chosen), None
+        return "auto", None
+
+    # ---- building the config ---------------------------------------------------------------
+
+    def _values(self) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "mode": self.mode.currentText(),
+            "sim.memory": self.memory.text(),
+            "model.kind": self.model_kind.currentText(),
+            "data.kind": self.data_kind.currentText(),
+            "train.schedule": self.schedule.currentText(),
+            "train.optimizer": self.optimizer.currentText(),
+            "train.lr": self.lr.text(),
+            "placement.reshard_after_forward": self.reshard.isChecked(),
+        }
+        values.update({key: box.value() for key, box in self._spins.items()})
+        return values
+
+    def _changed(self, *_: Any) -> None:
+        if self._loading:
+            return
+        cfg: RunConfig | None = self._base
+        errors: list[str] = []
+        devices, device_problem = self._device_spec()
+        if device_problem:
+            errors.append(device_problem)
+        values = {"devices": devices, **self._values()}
+        for key, value in values.items():
+            try:
+                cfg = set_value(cfg, key, value)
+                self._mark(key, False)
+            except ConfigError as e:
+                errors.append(str(e))
+                self._mark(key, True)
+        cfg = self._with_split(cfg)
+        problems = errors or cfg.validate()
+        self._config = None if errors else cfg
+        self._problems = problems
+        self._refresh(cfg)
+        self.config_changed.emit(self._config, problems)
+        self._schedule_estimate()
+
+    def _with_split(self, cfg: RunConfig) -> RunConfig:
+        """Apply the placement table's split; a split that no longer fits the model or the
+        devices (after another edit) falls back to the even split."""
+        n = self._device_count(cfg)
+        split = self._split
+        if split and (n is None or len(split) != n or sum(split) != len(layer_names(cfg.model))):
+            split = self._split = ()
+        return set_value(cfg, "placement.split", list(split))
+
+    def _device_count(self, cfg: RunConfig) -> int | None:
+        try:
+            return len(core_devices.resolve(cfg.devices, cfg.sim.memory, self._gpus))
+        except ConfigError:
+            return None
+
+    def _mark(self, key: str, bad: bool) -> None:
+        widget = self._fields.get(key)
+        if widget is not None and widget.property("problem") != bad:
+            widget.setProperty("problem", bad)
+            widget.style().unpolish(widget)
+            widget.style().polish(widget)
+
+    def _refresh(self, cfg: RunConfig) -> None:
+        mode, kind = cfg.mode, cfg.model.kind
+        notes = MODE_NOTES.get(mode)
+        self.mode_notes.setText("\n".join(notes) if notes else "")
+        big = kind in ("mlp", "transformer")
+        for key in ("model.width", "model.depth"):
+            self._spins[key].setEnabled(big)
+        for key in ("model.heads", "model.seq_len", "model.vocab"):
+            self._spins[key].setEnabled(kind == "transformer")
+        self._spins["train.micro_batches"].setEnabled(mode == "pipeline")
+        self.schedule.setEnabled(mode == "pipeline")
+        self.reshard.setVisible(mode == "fsdp")
+        self.sim_count.setEnabled(self.dev_sim.isChecked())
+        self.memory.setEnabled(not self.dev_gpu.isChecked())
+        self.share_count.setEnabled(self.share.isChecked())
+        self.placement_box.setVisible(mode in LAYER_MODES)
+        if mode in LAYER_MODES:
+            self._fill_placement(cfg)
+        if self._problems:
+            self.problems_label.setText("\n".join(f"• {p}" for p in self._problems))
+            self.problems_label.show()
+        else:
+            self.problems_label.hide()
+
+    # ---- placement table ------------------------------------------------------------------
+
+    def _fill_placement(self, cfg: RunConfig) -> None:
+        try:
+            labels = [d.label for d in core_devices.resolve(cfg.devices, cfg.sim.memory, self._gpus)]
+        except ConfigError:
+            labels = []
+        names = layer_names(cfg.model)
+        table = self.placement
+        table.setRowCount(len(names) if labels else 0)
+        if not labels:
+            return
+        owner = self._owners(len(names), len(labels))
+        for row, name in enumerate(names):
+            item = table.item(row, 0)
+            if item is None:
+                item = QTableWidgetItem()
+                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
+                table.setItem(row, 0, item)
+            item.setText(f"{row}: {name}")
+            combo = table.cellWidget(row, 1)
+            if not isinstance(combo, QComboBox) or combo.count() != len(labels):
+                combo = QComboBox()
+                combo.addItems(labels)
+                combo.currentIndexChanged.connect(lambda dev, r=row: self._on_layer_moved(r, dev))
+                table.setCellWidget(row, 1, combo)
+            combo.blockSignals(True)
+            for i, label in enumerate(labels):
+                combo.setItemText(i, label)
+            combo.setCurrentIndex(owner[row] if row < len(owner) else 0)
+            combo.blockSignals(False)
+        height = table.horizontalHeader().height() + sum(table.rowHeight(r) for r in range(len(names)))
+        table.setFixedHeight(min(height + 4, 260))
+
+    def _owners(self, n_layers: int, n_devices: int) -> list[int]:
+        """The device of each layer under the current split."""
+        if n_layers < 1 or n_devices < 1:
+            return []
+        split = self._split if len(self._split) == n_devices and sum(self._split) == n_layers else ()
+        if not split and n_layers < n_devices:
+            return list(range(n_layers))
+        return [d for d, r in enumerate(split_layers(n_layers, n_devices, split)) for _ in r]
+
+    def _on_layer_moved(self, row: int, device: int) -> None:
+        """Layer `row` now goes to `device`; layers stay consecutive per device, so the
+        ones before it that sat on a later device follow it, and so do later ones on an
+        earlier device."""
+        n_layers = self.placement.rowCount()
+        n_devices = self.placement.cellWidget(row, 1).count()
+        owner = self._owners(n_layers, n_devices)
+        owner[row] = device
+        for i in range(row):
+            owner[i] = min(owner[i], device)
+        for i in range(row + 1, n_layers):
+            owner[i] = max(owner[i], device)
+        self._split = tuple(owner.count(d) for d in range(n_devices))
+        self._changed()
+
+    def _on_even_split(self) -> None:
+        self._split = ()
+        self._changed()
+
+    # ---- prediction -----------------------------------------------------------------------
+
+    def _schedule_estimate(self) -> None:
+        self._generation += 1
+        if self._config is None or self._problems:
+            self._estimate_timer.stop()
+            self.estimate = None
+            self.estimate_label.setText("Fix the problems above to see the prediction.")
+            self.estimate_warning.hide()
+            return
+        self.estimate_label.setText("Predicting…")
+        self._estimate_timer.start()
+
+    def _start_estimate(self) -> None:
+        # One worker thread at a time; it always takes the newest request, so a burst of
+        # edits costs at most one stale prediction.
+        with self._estimate_lock:
+            self._estimate_next = (self._generation, self._config)
+            if self._estimate_busy:
+                return
+            self._estimate_busy = True
+        threading.Thread(target=self._estimate_loop, name="paralab-estimate", daemon=True).start()
+
+    def _estimate_loop(self) -> None:
+        while True:
+            with self._estimate_lock:
+                job, self._estimate_next = self._estimate_next, None
+                if job is None or job[1] is None:
+                    self._estimate_busy = False
+                    return
+            generation, cfg = job
+            result, error = None, ""
+            try:
+                from ..core.estimate import estimate
+
+                result = estimate(cfg, method="both")
+            except ImportError:
+                error = "Prediction is not available in this version."
+            except ConfigError as e:
+                error = str(e)
+            except Exception as e:  # noqa: BLE001 -- a failed prediction must not break the form
+                error = f"could not predict: {type(e).__name__}: {e}"
+            try:
+                self._estimate_signals.done.emit(generation, result, error)
+            except RuntimeError:  # the panel is gone (the app is closing)
+                return
+
+    def _on_estimate(self, generation: int, result: Any, error: str) -> None:
+        if generation != self._generation:
+            return  # the settings changed since; a newer prediction is on its way
+        self.estimate = result
+        self.estimate_ready.emit(result)
+        if result is None:
+            self.estimate_label.setText(error)
+            self.estimate_warning.hide()
+            return
+        lines, full = [], []
+        for d in result.devices:
+            share = d.peak_bytes / d.capacity_bytes if d.capacity_bytes else 0.0
+            lines.append(f"{d.label}: {human_bytes(d.peak_bytes)} of {human_bytes(d.capacity_bytes)} "
+                         f"({share:.0%})")
+            if not d.fits:
+                full.append(d.label)
+        self.estimate_label.setText("\n".join(lines))
+        if full:
+            self.estimate_warning.setText(
+                f"⚠ {', '.join(full)} will run out of memory: use more devices, a smaller model or batch, "
+                "or a mode that shards (fsdp, tensor-parallel).")
+            self.estimate_warning.show()
+        else:
+            self.estimate_warning.hide()
+

@@ -1,0 +1,207 @@
+"""RunController: drives one core.run.Run at a time from a QThread, as Qt signals.
+
+The thread only iterates `Run.events()` (which blocks while it waits on the ranks) and
+appends to a deque; a 50 ms QTimer in the GUI thread drains it and emits one
+`events(list)` per tick.  Draining on the GUI side keeps the batching cadence even
+while the run is paused or quiet, when the generator yields nothing for a while.
+
+Controls (pause, resume, stop, set_lr) go straight to the Run's shared memory: they
+are plain writes, safe from any thread, and never wait on the training thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+from collections import deque
+from pathlib import Path
+
+from PySide6.QtCore import QObject, QThread, QTimer, Signal
+
+from ..core.config import ConfigError, RunConfig
+from ..core.events import RunEnded, RunStarted
+from ..core.run import Run
+
+BATCH_MS = 50
+
+
+class _RunThread(QThread):
+    """Owns the Run: builds it, iterates its events, lets its teardown end every rank."""
+
+    def __init__(self, cfg: RunConfig, metrics: Path, parent: QObject) -> None:
+        super().__init__(parent)
+        self.cfg, self.metrics = cfg, metrics
+        self.queue: deque = deque()
+        self.run_obj: Run | None = None
+        self.stop_early = False
+        self.error: str | None = None
+
+    def run(self) -> None:  # the thread's body
+        try:
+            run = Run(self.cfg, metrics=self.metrics)
+            self.run_obj = run
+            if self.stop_early:  # Stop pressed while the Run was being built
+                run.stop()
+            for event in run.events():
+                self.queue.append(event)
+        except ConfigError as e:
+            self.error = str(e)
+        except Exception as e:  # noqa: BLE001 -- every failure reaches the person as a sentence
+            self.error = f"{type(e).__name__}: {e}"
+
+
+class RunController(QObject):
+    """Start a run, forward its events as batches, take controls.  One run at a time."""
+
+    started = Signal(object)
+    """RunStarted: the run's devices and config; comes before its first events batch."""
+    events = Signal(list)
+    """A batch of events (every kind except RunStarted), in order, about every 50 ms."""
+    ended = Signal(object)
+    """RunEnded: the verdict (ok, oom, error, stopped)."""
+    failed = Signal(str)
+    """The run could not start or broke off without a verdict (bad config, internal error)."""
+    finished = Signal()
+    """The thread is done and every rank has ended: a new run may start."""
+
+    def __init__(self, parent: QObject | None = None, runs_dir: str | Path | None = None) -> None:
+        super().__init__(parent)
+        self._own_dir = runs_dir is None
+        self.runs_dir = Path(runs_dir) if runs_dir else Path(tempfile.mkdtemp(prefix="paralab-runs-"))
+        self.metrics_path: Path | None = None
+        """The events (.jsonl) of the current or last run."""
+        self.last_start: RunStarted | None = None
+        self.last_end: RunEnded | None = None
+        self._thread: _RunThread | None = None
+        self._count = 0
+        self._paused = False
+        self._timer = QTimer(self)
+        self._timer.setInterval(BATCH_MS)
+        self._timer.timeout.connect(self._drain)
+
+    # ---- state -----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """A run is going (or still tearing down): Start must wait."""
+        return self._thread is not None
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def run(self) -> Run | None:
+        return self._thread.run_obj if self._thread else None
+
+    def pids(self) -> list[int]:
+        run = self.run
+        return run.pids() if run else []
+
+    # ---- controls --------------------------------------------------------------------------
+
+    def start(self, cfg: RunConfig) -> bool:
+        """Start a run of cfg; False (and nothing started) while one is still going."""
+        if self._thread is not None:
+            return False
+        self._count += 1
+        if self.metrics_path and self.metrics_path.exists():
+            self.metrics_path.unlink()  # keep only the last run's events on disk
+        self.metrics_path = self.runs_dir / f"run-{self._count}.jsonl"
+        self.last_start = self.last_end = None
+        self._paused = False
+        self._thread = _RunThread(cfg, self.metrics_path, self)
+        self._thread.finished.connect(self._on_thread_finished)
+        self._thread.start()
+        self._timer.start()
+        return True
+
+    def pause(self) -> None:
+        if self.run:
+            self.run.pause()
+            self._paused = True
+
+    def resume(self) -> None:
+        if self.run:
+            self.run.resume()
+            self._paused = False
+
+    def stop(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        thread.stop_early = True
+        if thread.run_obj is not None:
+            thread.run_obj.stop()  # a paused rank sees it too: pausing waits on stop
+        self._paused = False
+
+    def set_lr(self, lr: float) -> None:
+        """New learning rate for the running run (ranks adopt it at their next sync)."""
+        if self.run:
+            self.run.set_lr(float(lr))
+
+    def shutdown(self, timeout_s: float = 15.0) -> None:
+        """Stop and wait for the thread (blocking): for quitting.  Should the thread not
+        finish in time, kill its ranks directly so none outlives the app."""
+        thread = self._thread
+        if thread is None:
+            return
+        self.stop()
+        if not thread.wait(int(timeout_s * 1000)):
+            for pid in self.pids():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            thread.wait(3000)
+        if self._thread is thread and thread.isFinished():
+            self._on_thread_finished()
+
+    def cleanup(self) -> None:
+        """Remove the temporary events folder (at exit)."""
+        if self._own_dir:
+            shutil.rmtree(self.runs_dir, ignore_errors=True)
+
+    # ---- delivery --------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        queue = thread.queue
+        batch: list = []
+        end: RunEnded | None = None
+        while queue:
+            event = queue.popleft()
+            if isinstance(event, RunStarted):
+                self._flush(batch)
+                batch = []
+                self.last_start = event
+                self.started.emit(event)
+            else:
+                batch.append(event)
+                if isinstance(event, RunEnded):
+                    end = event
+        self._flush(batch)
+        if end is not None:
+            self.last_end = end
+            self.ended.emit(end)
+
+    def _flush(self, batch: list) -> None:
+        if batch:
+            self.events.emit(batch)
+
+    def _on_thread_finished(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._drain()
+        self._timer.stop()
+        self._thread = None
+        self._paused = False
+        thread.deleteLater()
+        if self.last_end is None:
+            self.failed.emit(thread.error or "the run ended without a result")
+        self.finished.emit()
+

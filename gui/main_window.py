@@ -1,0 +1,473 @@
+"""MainWindow: the settings on the left, the live views in the middle, controls on top.
+
+The window only wires things together: ConfigPanel builds the RunConfig, RunController
+runs it, RunData keeps what arrived, and the views draw RunData on their own timer.
+A failure (out of memory, a crashed rank, a bad file) becomes a dismissible banner that
+names the device; the window stays usable and the next run starts clean.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QSettings, Qt, QTimer
+from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QColor, QKeySequence, QPalette
+from PySide6.QtWidgets import (
+    QAbstractSpinBox,
+    QApplication,
+    QDockWidget,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core import presets
+from ..core.config import ConfigError, RunConfig
+from ..core.events import CATEGORIES, RunEnded, RunStarted, read_events, to_dict
+from .buffers import RunData
+from .config_panel import ConfigPanel
+from .controller import RunController
+from .dashboard import Dashboard
+
+THEMES = ("light", "dark")
+FAILURE_TITLES = {"oom": "Out of memory", "error": "A rank failed"}
+CSV_COLUMNS = ["event", "time_s", "step", "device", "loss", "samples_per_s", "lr", *CATEGORIES,
+               "peak_bytes", "capacity_bytes", "phase", "start_s", "end_s", "percent", "source",
+               "status", "message", "steps"]
+STOP_CLOSE_TIMEOUT_MS = 20_000
+
+
+class LearningRateBox(QDoubleSpinBox):
+    """A learning rate written as 0.01 or 3e-05, not 0.01000000; steps by a tenth of its decade."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setDecimals(10)
+        self.setRange(1e-8, 100.0)
+        self.setStepType(QAbstractSpinBox.StepType.AdaptiveDecimalStepType)
+        self.setKeyboardTracking(False)  # one change per finished number, not per keystroke
+        self.setMinimumWidth(90)
+
+    def textFromValue(self, value: float) -> str:  # noqa: N802 (Qt's name)
+        return f"{value:.6g}"
+
+
+class Banner(QFrame):
+    """A strip above the plots that says what went wrong; the person dismisses it."""
+
+    def __init__(self) -> None:
+        super().__init__(objectName="banner")
+        self.label = QLabel(wordWrap=True, objectName="bannerText")
+        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        close = QPushButton("Dismiss", objectName="bannerDismiss")
+        close.clicked.connect(self.hide)
+        row = QHBoxLayout(self)
+        row.addWidget(self.label, 1)
+        row.addWidget(close, 0, Qt.AlignmentFlag.AlignTop)
+        self.hide()
+
+    def show_message(self, text: str) -> None:
+        self.label.setText(text)
+        self.show()
+
+    def text(self) -> str:
+        return self.label.text() if self.isVisible() else ""
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, cfg: RunConfig | None = None, settings: QSettings | None = None) -> None:
+        super().__init__()
+        self.setWindowTitle("paralab")
+        self.settings = settings if settings is not None else QSettings("paralab", "paralab")
+        self.data = RunData()
+        self.controller = RunController(self)
+        self._closing = False
+        self._forced = False
+        self._state = "idle"
+
+        self.panel = ConfigPanel()
+        self.dock = QDockWidget("Run settings")
+        self.dock.setObjectName("settingsDock")
+        self.dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
+                              | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        self.dock.setWidget(self.panel)
+        self.dock.setMinimumWidth(340)
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.dock)
+
+        # The dashboard holds the gauges (DeviceView), the plots and the Timeline.
+        self.dashboard = Dashboard()
+        self.dashboard.bind(self.data)
+        self.banner = Banner()
+        self._build_center()
+        self._build_actions()
+        self._build_status()
+
+        self.panel.config_changed.connect(self._on_config_changed)
+        self.panel.estimate_ready.connect(self._on_estimate)
+        c = self.controller
+        c.started.connect(self._on_started)
+        c.events.connect(self._on_events)
+        c.ended.connect(self._on_ended)
+        c.failed.connect(self._on_failed)
+        c.finished.connect(self._on_finished)
+
+        self._restore(cfg)
+        self._update_actions()
+
+    # ---- layout ----------------------------------------------------------------------------
+
+    def _build_center(self) -> None:
+        center = QWidget()
+        v = QVBoxLayout(center)
+        v.setContentsMargins(6, 6, 6, 0)
+        v.addWidget(self.banner)
+        v.addWidget(self.dashboard, 1)
+        self.setCentralWidget(center)
+
+    def _action(self, text: str, slot: Any, shortcut: str | None = None, tip: str = "") -> QAction:
+        a = QAction(text, self)
+        a.triggered.connect(slot)
+        if shortcut:
+            a.setShortcut(QKeySequence(shortcut))
+        if tip:
+            a.setToolTip(tip)
+            a.setStatusTip(tip)
+        return a
+
+    def _build_actions(self) -> None:
+        self.start_action = self._action("Start", self.start_run, "Ctrl+R", "Start a run of these settings")
+        self.pause_action = self._action("Pause", self.pause_run, None, "Pause every rank at its next step")
+        self.resume_action = self._action("Resume", self.resume_run, None, "Go on training")
+        self.stop_action = self._action("Stop", self.stop_run, "Ctrl+.", "End the run; every rank exits")
+        bar = self.addToolBar("Run")
+        bar.setObjectName("runToolbar")
+        bar.setMovable(False)
+        for a in (self.start_action, self.pause_action, self.resume_action, self.stop_action):
+            bar.addAction(a)
+        bar.addSeparator()
+        bar.addWidget(QLabel(" Learning rate "))
+        self.lr_box = LearningRateBox()
+        self.lr_box.setToolTip("Change the learning rate while the run goes; ranks adopt it at their next sync.")
+        self.lr_box.valueChanged.connect(self._on_lr)
+        bar.addWidget(self.lr_box)
+
+        menu = self.menuBar()
+        file = menu.addMenu("&File")
+        file.addAction(self._action("Open config…", self._open_config_dialog, "Ctrl+O"))
+        file.addAction(self._action("Save config…", self._save_config_dialog, "Ctrl+S"))
+        file.addSeparator()
+        file.addAction(self._action("Export plots to PNG…", self._export_png_dialog))
+        file.addAction(self._action("Export events to CSV…", lambda: self._export_events_dialog("csv")))
+        file.addAction(self._action("Export events to JSONL…", lambda: self._export_events_dialog("jsonl")))
+        file.addSeparator()
+        file.addAction(self._action("Quit", self.close, "Ctrl+Q"))
+
+        run = menu.addMenu("&Run")
+        for a in (self.start_action, self.pause_action, self.resume_action, self.stop_action):
+            run.addAction(a)
+
+        self.presets_menu = menu.addMenu("&Presets")
+        for name in presets.names():
+            self.presets_menu.addAction(self._action(name, lambda _=False, n=name: self.load_preset(n)))
+
+        view = menu.addMenu("&View")
+        self.theme_actions: dict[str, QAction] = {}
+        group = QActionGroup(self)
+        for name in THEMES:
+            a = self._action(f"{name.capitalize()} theme", lambda _=False, n=name: self.apply_theme(n))
+            a.setCheckable(True)
+            group.addAction(a)
+            view.addAction(a)
+            self.theme_actions[name] = a
+        view.addSeparator()
+        view.addAction(self.dock.toggleViewAction())
+
+    def _build_status(self) -> None:
+        self.state_label = QLabel("Ready")
+        self.step_label = QLabel("")
+        self.loss_label = QLabel("")
+        self.rate_label = QLabel("")
+        sb = self.statusBar()
+        sb.addWidget(self.state_label, 1)
+        for w in (self.step_label, self.loss_label, self.rate_label):
+            w.setMinimumWidth(110)
+            sb.addPermanentWidget(w)
+
+    # ---- settings --------------------------------------------------------------------------
+
+    def _restore(self, cfg: RunConfig | None) -> None:
+        s = self.settings
+        if cfg is None:
+            text = s.value("config", "")
+            if text:
+                try:
+                    cfg = RunConfig.loads(str(text), source="the remembered config")
+                except ConfigError:
+                    cfg = None  # an old or damaged entry: start from the first preset
+        if cfg is None:
+            cfg = presets.load(presets.names()[0])
+        self.panel.set_config(cfg)
+        geometry = s.value("geometry")
+        if geometry:
+            self.restoreGeometry(geometry)
+        else:
+            self.resize(1500, 920)
+        state = s.value("state")
+        if state:
+            self.restoreState(state)
+        theme = str(s.value("theme", "light"))
+        self.apply_theme(theme if theme in THEMES else "light")
+
+    def _remember(self) -> None:
+        cfg = self.panel.config()
+        if cfg is not None:
+            self.settings.setValue("config", cfg.dumps())
+        self.settings.setValue("geometry", self.saveGeometry())
+        self.settings.setValue("state", self.saveState())
+        self.settings.sync()
+
+    def apply_theme(self, name: str) -> None:
+        """Light or dark: the palette (the plots read it) plus the style sheet."""
+        app = QApplication.instance()
+        qss = resources.files("paralab.resources").joinpath(f"{name}.qss").read_text(encoding="utf-8")
+        app.setPalette(_palette(name, app))
+        app.setStyleSheet(qss)
+        self.theme = name
+        self.theme_actions[name].setChecked(True)
+        self.settings.setValue("theme", name)
+
+    # ---- run controls ----------------------------------------------------------------------
+
+    def start_run(self) -> bool:
+        cfg = self.panel.config()
+        if cfg is None or self.panel.problems() or self.controller.running:
+            return False
+        self.banner.hide()
+        self._remember()
+        self.dashboard.clear()
+        self.data.reset(None)
+        self.lr_box.blockSignals(True)
+        self.lr_box.setValue(cfg.train.lr)
+        self.lr_box.blockSignals(False)
+        self.step_label.setText("")
+        self.loss_label.setText("")
+        self.rate_label.setText("")
+        self._total_steps = cfg.train.steps
+        self.controller.start(cfg)
+        self._set_state("starting")
+        return True
+
+    def pause_run(self) -> None:
+        if self._state == "running":
+            self.controller.pause()
+            self._set_state("paused")
+
+    def resume_run(self) -> None:
+        if self._state == "paused":
+            self.controller.resume()
+            self._set_state("running")
+
+    def stop_run(self) -> None:
+        if self.controller.running:
+            self.controller.stop()
+            self._set_state("stopping")
+
+    def _on_lr(self, value: float) -> None:
+        if self._state in ("running", "paused"):
+            self.controller.set_lr(value)
+            self.statusBar().showMessage(f"learning rate set to {value:.6g}", 3000)
+
+    def load_preset(self, name: str) -> None:
+        try:
+            self.panel.set_config(presets.load(name))
+        except ConfigError as e:
+            self.banner.show_message(f"Bad preset: {e}")
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        self.state_label.setText({"idle": "Ready", "starting": "Starting the ranks…", "running": "Running",
+                                  "paused": "Paused", "stopping": "Stopping…"}[state])
+        self._update_actions()
+
+    def _update_actions(self) -> None:
+        state, busy = self._state, self.controller.running
+        ok = self.panel.config() is not None and not self.panel.problems()
+        self.start_action.setEnabled(ok and not busy and not self._closing)
+        self.pause_action.setEnabled(state == "running")
+        self.resume_action.setEnabled(state == "paused")
+        self.stop_action.setEnabled(busy and state != "stopping")
+        self.lr_box.setEnabled(state in ("running", "paused"))
+        self.panel.setEnabled(not busy)
+        self.presets_menu.setEnabled(not busy)
+
+    # ---- controller signals ----------------------------------------------------------------
+
+    def _on_config_changed(self, _cfg: RunConfig | None, _problems: list[str]) -> None:
+        self._update_actions()
+
+    def _on_estimate(self, est: Any) -> None:
+        if not self.controller.running:
+            self._set_prediction(est)
+
+    def _set_prediction(self, est: Any) -> None:
+        pred = {d.device: {"peak_bytes": d.peak_bytes, "bytes": dict(d.bytes)} for d in est.devices} if est else {}
+        self.dashboard.set_prediction(pred)
+
+    def _on_started(self, start: RunStarted) -> None:
+        self.data.reset(start)
+        self._set_prediction(self.panel.estimate)
+        self.dashboard.start()
+        if self._state == "starting":
+            self._set_state("running")
+
+    def _on_events(self, batch: list) -> None:
+        self.data.add(batch)
+        last = self.data.last_step
+        if last is not None:
+            self.step_label.setText(f"step {last.step}/{self._total_steps}")
+            self.loss_label.setText(f"loss {last.loss:.4g}")
+            self.rate_label.setText(f"{last.samples_per_s:,.0f} samples/s")
+
+    def _on_ended(self, end: RunEnded) -> None:
+        if end.status in FAILURE_TITLES:
+            self.banner.show_message(self._failure_text(end))
+        text = {"ok": f"Finished: {end.message}", "stopped": f"Stopped after step {end.steps}"}.get(
+            end.status, f"Failed ({end.status}) after step {end.steps}")
+        self.statusBar().showMessage(text, 15000)
+
+    def _failure_text(self, end: RunEnded) -> str:
+        where = ""
+        if end.device is not None:
+            labels = self.data.labels
+            where = f" on {labels[end.device]}" if end.device < len(labels) else f" on device {end.device}"
+        return f"{FAILURE_TITLES[end.status]}{where}: {end.message}"
+
+    def _on_failed(self, message: str) -> None:
+        self.banner.show_message(f"The run failed: {message}")
+
+    def _on_finished(self) -> None:
+        self.dashboard.stop()
+        self._set_state("idle")
+        if self._closing:
+            self.close()
+
+    # ---- files -----------------------------------------------------------------------------
+
+    def open_config(self, path: str | Path) -> bool:
+        try:
+            self.panel.set_config(RunConfig.load(path))
+            return True
+        except ConfigError as e:
+            self.banner.show_message(f"Bad config: {e}")
+            return False
+
+    def save_config(self, path: str | Path) -> bool:
+        cfg = self.panel.config()
+        if cfg is None:
+            self.banner.show_message("Cannot save: " + "; ".join(self.panel.problems()))
+            return False
+        try:
+            cfg.save(path)
+        except OSError as e:
+            self.banner.show_message(f"Cannot save {path}: {e.strerror or e}")
+            return False
+        return True
+
+    def export_events(self, path: str | Path, fmt: str) -> bool:
+        """The events of the current or last run, as JSONL (the run's own file) or CSV."""
+        src = self.controller.metrics_path
+        if src is None or not src.exists():
+            self.statusBar().showMessage("There are no events yet: start a run first.", 5000)
+            return False
+        try:
+            if fmt == "jsonl":
+                shutil.copyfile(src, path)
+            else:
+                with open(path, "w", newline="", encoding="utf-8") as f:
+                    w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+                    w.writeheader()
+                    for e in read_events(src):
+                        row = to_dict(e)
+                        row.update(row.pop("bytes", None) or {})
+                        w.writerow(row)
+        except OSError as e:
+            self.banner.show_message(f"Cannot write {path}: {e.strerror or e}")
+            return False
+        return True
+
+    def export_png(self, path: str | Path) -> bool:
+        try:
+            self.dashboard.export_png(str(path))
+        except OSError as e:
+            self.banner.show_message(f"Cannot write {path}: {e.strerror or e}")
+            return False
+        return True
+
+    def _open_config_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open config", "", "TOML config (*.toml);;All files (*)")
+        if path:
+            self.open_config(path)
+
+    def _save_config_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save config", "paralab.toml", "TOML config (*.toml)")
+        if path:
+            self.save_config(path)
+
+    def _export_png_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export plots", "paralab.png", "PNG image (*.png)")
+        if path:
+            self.export_png(path)
+
+    def _export_events_dialog(self, fmt: str) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export events", f"paralab-events.{fmt}",
+                                              f"{fmt.upper()} (*.{fmt})")
+        if path:
+            self.export_events(path, fmt)
+
+    # ---- closing ---------------------------------------------------------------------------
+
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 (Qt's name)
+        self._remember()
+        if self.controller.running and not self._forced:
+            # Stop first and close when every rank has ended; the window stays responsive.
+            event.ignore()
+            if not self._closing:
+                self._closing = True
+                self.stop_run()
+                self.state_label.setText("Stopping the run before closing…")
+                QTimer.singleShot(STOP_CLOSE_TIMEOUT_MS, self._force_close)
+            return
+        self.dashboard.stop()
+        event.accept()
+
+    def _force_close(self) -> None:
+        if self.controller.running:
+            self.controller.shutdown(timeout_s=2.0)  # kills what is left
+        self._forced = True
+        self.close()
+
+
+def _palette(name: str, app: QApplication) -> QPalette:
+    if name == "light":
+        return app.style().standardPalette()
+    p = QPalette()
+    role = QPalette.ColorRole
+    for r, color in ((role.Window, "#1e1f22"), (role.WindowText, "#e6e6e6"), (role.Base, "#16171a"),
+                     (role.AlternateBase, "#23252a"), (role.Text, "#e6e6e6"), (role.Button, "#2b2d31"),
+                     (role.ButtonText, "#e6e6e6"), (role.ToolTipBase, "#2b2d31"), (role.ToolTipText, "#e6e6e6"),
+                     (role.Highlight, "#3d7bd9"), (role.HighlightedText, "#ffffff"), (role.Link, "#6ea8fe"),
+                     (role.PlaceholderText, "#8a8d93")):
+        p.setColor(r, QColor(color))
+    for r in (role.WindowText, role.Text, role.ButtonText):
+        p.setColor(QPalette.ColorGroup.Disabled, r, QColor("#6b6e74"))
+    return p
