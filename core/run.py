@@ -30,8 +30,9 @@ from .events import Event, EventWriter, RunEnded, RunStarted, StepDone
 from .parallel import STRATEGIES, world_size
 
 STATUS_RANK = {"ok": 0, "stopped": 1, "error": 2, "oom": 3}
-STOP_GRACE_S = 5.0
-FAILURE_GRACE_S = 2.0
+STOP_GRACE_S = 4.0
+SETUP_TIMEOUT_S = 120.0
+FAILURE_GRACE_S = 1.0
 
 
 def context() -> Any:
@@ -46,7 +47,7 @@ class Run:
     """One training run.  Iterate `events()`; call pause/resume/stop/set_lr from any thread."""
 
     def __init__(self, config: RunConfig, metrics: str | Path | None = None,
-                 devices: list[Device] | None = None) -> None:
+                 devices: list[Device] | None = None, faults: dict[int, str] | None = None) -> None:
         problems = config.validate(resolve_devices=devices is None)
         if problems:
             raise ConfigError("; ".join(problems))
@@ -60,6 +61,8 @@ class Run:
         self._processes: list[Any] = []
         self.ended: RunEnded | None = None
         self.stop_requested = False
+        self.faults = faults or {}
+        """Test-only: {rank: 'hang@STEP' | 'crash@STEP' | 'raise@STEP'}."""
 
     # ---- controls (thread-safe: plain writes to shared memory) ---------------------------------
 
@@ -130,6 +133,10 @@ class _Supervisor:
         self.readers: dict[Any, int] = {}
         self.done: dict[int, worker.RankDone] = {}
         self.progress: dict[int, tuple[int, float]] = {}
+        """rank -> (last step finished, when it was first seen)"""
+        self.training: set[int] = set()
+        self.where: dict[int, str] = {}
+        """rank -> where its main thread is, from its heartbeat"""
         self.failure_at: float | None = None
         self.stop_at: float | None = None
         self.steps_done = 0
@@ -153,7 +160,8 @@ class _Supervisor:
             backend = "nccl" if len(gpus) == run.world else "gloo"
         for rank in range(run.world):
             job = worker.RankJob(run.config.to_dict(), run.devices, rank, run.world, self.t0, os.getpid(),
-                                 store_port=self.store.port if self.store else 0, backend=backend)
+                                 store_port=self.store.port if self.store else 0, backend=backend,
+                                 fault=run.faults.get(rank, ""))
             reader, writer = run._ctx.Pipe(duplex=False)
             p = run._ctx.Process(target=worker.main, args=(job, writer, run._shared), daemon=True,
                                  name=f"paralab-rank{rank}")
@@ -184,7 +192,13 @@ class _Supervisor:
             if msg.status in ("oom", "error"):
                 self.failure_at = self.failure_at or perf_counter()
             return
-        self.progress[msg.rank] = (msg.progress, perf_counter())
+        step, _ = self.progress[msg.rank]
+        if msg.progress > step or (msg.started is not None and msg.rank not in self.training):
+            self.progress[msg.rank] = (msg.progress, perf_counter())
+        if msg.started is not None or msg.progress > 0:
+            self.training.add(msg.rank)
+        if msg.where:
+            self.where[msg.rank] = msg.where
         if msg.started is not None and self._last_step is None:
             self._last_step = (0, msg.started)
         out.extend(msg.events)
@@ -221,23 +235,35 @@ class _Supervisor:
         run, now = self.run, perf_counter()
         if run.stop_requested and self.stop_at is None:
             self.stop_at = now
-        # Hang: a rank that makes no progress for the timeout (not counting pauses).
-        timeout = run.config.telemetry.hang_timeout_s
-        for rank, (step, seen) in self.progress.items():
-            if run.paused:
-                self.progress[rank] = (step, now)
-            elif rank not in self.done and now - seen > timeout:
-                device = self._device_of(rank)
-                self.done[rank] = worker.RankDone(
-                    rank, "error", f"rank {rank} ({run.devices[device].label}) made no progress for "
-                    f"{timeout:.0f} s after step {step}: it hangs", device)
-                self.failure_at = self.failure_at or now
+        self._check_hangs(now)
         finished = len(self.done) == run.world
         failed_long = self.failure_at is not None and now - self.failure_at > FAILURE_GRACE_S
         stop_long = self.stop_at is not None and now - self.stop_at > STOP_GRACE_S
         if finished or failed_long or stop_long:
             run.ended = self._verdict(now)
             out.append(run.ended)
+
+    def _check_hangs(self, now: float) -> None:
+        """A rank that finishes no step for the hang timeout (setup gets more time) hangs.
+        Ranks blocked in a collective stall too; the one to blame is a stalled rank
+        whose main thread is outside torch (sleeping, looping), else the lowest rank."""
+        run = self.run
+        if run.paused:
+            self.progress = {r: (s, now) for r, (s, _) in self.progress.items()}
+            return
+        timeout = run.config.telemetry.hang_timeout_s
+        stalled = [r for r, (_, seen) in self.progress.items() if r not in self.done
+                   and now - seen > (timeout if r in self.training else max(timeout, SETUP_TIMEOUT_S))]
+        if not stalled or self.failure_at is not None:
+            return
+        culprit = next((r for r in stalled if "/torch/" not in self.where.get(r, "/torch/")), min(stalled))
+        step = self.progress[culprit][0]
+        device = self._device_of(culprit)
+        where = self.where.get(culprit, "").split(" @ ")[0]
+        self.done[culprit] = worker.RankDone(
+            culprit, "error", f"rank {culprit} ({run.devices[device].label}) hangs: no step finished for "
+            f"{timeout:g} s after step {step}" + (f" (stuck in {where})" if where else ""), device)
+        self.failure_at = now
 
     def _verdict(self, now: float) -> RunEnded:
         done = sorted(self.done.values(), key=lambda d: -STATUS_RANK[d.status])

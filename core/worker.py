@@ -6,7 +6,7 @@ one message per step).  The loop is the same for every mode:
   control   pause / resume / stop / set-lr, agreed by all ranks at sync points
   step      the mode's Trainer.step
   loss      kept on the device and read back in batches: no host sync per step
-  sampling  on sampled steps (every telemetry.interval_s, and steps 1-2) the Probe
+  sampling  on sampled steps (every telemetry.interval_s, and steps 1-3) the Probe
             records phase spans and memory by category; other steps pay nothing
 
 Under torchrun the same `main` runs with the rendezvous from the environment.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -43,6 +44,8 @@ class RankJob:
     store_host: str = "127.0.0.1"
     store_port: int = 0
     backend: str = "gloo"
+    fault: str = ""
+    """Test-only fault injection, 'KIND@STEP' on this rank: hang@5 (sleep forever), crash@5 (SIGKILL itself)."""
 
 
 @dataclass
@@ -59,6 +62,8 @@ class Batch:
     events: list[Any] = field(default_factory=list)
     started: float | None = None
     """Set on the first batch: when training began (seconds since the run started)."""
+    where: str = ""
+    """Heartbeats only: 'function (file:line) @ path' of the main thread's innermost frame."""
 
 
 @dataclass
@@ -173,14 +178,17 @@ STOP, PAUSED, LR = 0, 1, 2
 
 
 class Control:
-    """Reads the controller's shared array.  With several ranks, rank 0 reads it and
-    broadcasts at sync points that every rank computes the same way, so all ranks stop,
-    pause and change the learning rate at the same step."""
+    """Reads the controller's shared array and decides which steps are sampled.  With
+    several ranks, rank 0 decides and broadcasts at sync points that every rank computes
+    the same way, so all ranks stop, pause, change the learning rate and sample at the
+    same step (a timeline's devices line up)."""
 
-    def __init__(self, shared: Any, world: int, lr: float) -> None:
+    def __init__(self, shared: Any, world: int, lr: float, sample_interval: float) -> None:
         self.shared = shared
         self.world = world
         self.lr = lr
+        self.sample_interval = sample_interval
+        self._last_sample = -1e9
         self.next_sync = 1
         self._group = None
         self._last_sync_time = perf_counter()
@@ -191,10 +199,12 @@ class Control:
             # Control travels on its own gloo group: small CPU tensors, whatever the backend.
             self._group = dist.new_group(backend="gloo")
 
-    def _read(self, step: int) -> tuple[bool, bool, float, int]:
+    def _read(self, step: int) -> tuple[bool, bool, float, int, bool]:
         stop, paused, lr = bool(self.shared[STOP]), bool(self.shared[PAUSED]), float(self.shared[LR])
+        now = perf_counter()
+        sample = step <= 3 or now - self._last_sample >= self.sample_interval
         if self.world == 1:
-            return stop, paused, lr, 1
+            return stop, paused, lr, 1, sample
         import torch
         import torch.distributed as dist
 
@@ -202,26 +212,28 @@ class Control:
         elapsed = perf_counter() - self._last_sync_time
         per_step = elapsed / max(step - self._last_sync_step, 1)
         interval = int(min(max(0.05 / max(per_step, 1e-6), 1), 1000))
-        msg = torch.tensor([float(stop), float(paused), lr, float(interval)], dtype=torch.float64)
+        msg = torch.tensor([float(stop), float(paused), lr, float(interval), float(sample)], dtype=torch.float64)
         dist.broadcast(msg, src=0, group=self._group)
         self._last_sync_time, self._last_sync_step = perf_counter(), step
-        return bool(msg[0]), bool(msg[1]), float(msg[2]), int(msg[3])
+        return bool(msg[0]), bool(msg[1]), float(msg[2]), int(msg[3]), bool(msg[4])
 
-    def poll(self, step: int, heartbeat: Heartbeat) -> tuple[bool, float | None]:
-        """(stop, new lr or None); blocks while paused."""
+    def poll(self, step: int, heartbeat: Heartbeat) -> tuple[bool, float | None, bool]:
+        """(stop, new lr or None, sample this step); blocks while paused."""
         if step < self.next_sync:
-            return False, None
-        stop, paused, lr, interval = self._read(step)
+            return False, None, step <= 3
+        stop, paused, lr, interval, sample = self._read(step)
         while paused and not stop:
             heartbeat.paused = True
             time.sleep(0.05)
-            stop, paused, lr, interval = self._read(step)
+            stop, paused, lr, interval, sample = self._read(step)
         heartbeat.paused = False
         self.next_sync = step + interval
+        if sample:
+            self._last_sample = perf_counter()
         new_lr = None
         if lr > 0 and lr != self.lr:
             self.lr = new_lr = lr
-        return stop, new_lr
+        return stop, new_lr, sample
 
 
 class Heartbeat(threading.Thread):
@@ -236,10 +248,17 @@ class Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        main = threading.main_thread().ident
         while not self.stopped.wait(1.0):
             if not _alive(self.controller_pid):
                 os._exit(3)  # orphaned: nobody will read our events or stop us
-            self.channel.send(Batch(self.rank, self.progress))
+            frame = sys._current_frames().get(main)
+            where = ""
+            if frame is not None:
+                code = frame.f_code
+                where = (f"{code.co_name} ({os.path.basename(code.co_filename)}:{frame.f_lineno})"
+                         f" @ {code.co_filename}")
+            self.channel.send(Batch(self.rank, self.progress, where=where))
 
 
 def _alive(pid: int) -> bool:
@@ -269,6 +288,8 @@ def main(job: RankJob, conn: Any, shared: Any) -> None:
         done = _run(job, channel, shared, heartbeat, state)
     except BaseException as e:  # report every failure; the controller decides what it means
         done = _failure(job, e, state.get("probe"))
+        if done.status == "oom":
+            _send_oom_memory(channel, e, state.get("probe"), done)
     finally:
         heartbeat.stopped.set()
         channel.send(done)
@@ -289,9 +310,9 @@ def _run(job: RankJob, channel: Channel, shared: Any, heartbeat: Heartbeat, stat
     _setup_cuda(local)
     ctx = RankContext(job, cfg, local, MemoryLedger(local))
     if job.world > 1:
-        ctx.group = _init_distributed(job)
+        ctx.group = _init_distributed(job, cfg.telemetry.hang_timeout_s)
     probe = state["probe"] = Probe(ctx)
-    control = Control(shared, job.world, cfg.train.lr)
+    control = Control(shared, job.world, cfg.train.lr, cfg.telemetry.interval_s)
     trainer = STRATEGIES[cfg.mode].apply(ctx)
     return _loop(ctx, trainer, probe, control, channel, heartbeat)
 
@@ -302,12 +323,12 @@ def _loop(ctx: RankContext, trainer: Any, probe: Probe, control: Control, channe
 
     cfg, t0 = ctx.cfg, ctx.job.t0
     steps, log_every = cfg.train.steps, cfg.train.log_every
-    interval = cfg.telemetry.interval_s
     pending = Batch(ctx.rank, 0)
     losses: list[torch.Tensor] = []
-    last_flush = last_sample = perf_counter()
+    last_flush = perf_counter()
     lr = control.lr
     pending.started = perf_counter() - t0
+    fault_step = int(ctx.job.fault.split("@")[1]) if ctx.job.fault else -1
 
     def flush(step: int) -> None:
         nonlocal pending, losses
@@ -319,7 +340,7 @@ def _loop(ctx: RankContext, trainer: Any, probe: Probe, control: Control, channe
 
     step = 0
     for step in range(1, steps + 1):
-        stop, new_lr = control.poll(step, heartbeat)
+        stop, new_lr, sample = control.poll(step, heartbeat)
         if stop:
             flush(step - 1)
             return RankDone(ctx.rank, "stopped", f"stopped after step {step - 1}", steps=step - 1)
@@ -328,11 +349,12 @@ def _loop(ctx: RankContext, trainer: Any, probe: Probe, control: Control, channe
             for opt in trainer.optimizers:
                 for group in opt.param_groups:
                     group["lr"] = lr
-        now = perf_counter()
-        probe.active = step <= 3 or now - last_sample >= interval
+        probe.active = sample
         probe.step = step
         if probe.active:
             ctx.ledger.begin_step()
+        if fault_step == step:
+            _inject(ctx.job.fault)
         loss = trainer.step(step, probe)
         end = perf_counter()
         heartbeat.progress = step
@@ -343,15 +365,24 @@ def _loop(ctx: RankContext, trainer: Any, probe: Probe, control: Control, channe
             pending.lrs.append(lr)
         if probe.active:
             probe.active = False
-            last_sample = end
             pending.events.extend(probe.spans)
             probe.spans = []
             pending.events.extend(_memory_events(ctx, step, end - t0))
-        if end - last_flush >= 0.1 or step == steps:
+        if end - last_flush >= 0.1 or step == steps or step <= 2:
             flush(step)
             last_flush = end
     summary = f"; {trainer.summary()}" if trainer.summary else ""
     return RankDone(ctx.rank, "ok", f"finished {step} steps{summary}", steps=step)
+
+
+def _inject(fault: str) -> None:
+    kind = fault.split("@")[0]
+    if kind == "hang":
+        while True:
+            time.sleep(3600)
+    if kind == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault {fault!r}")
 
 
 def _memory_events(ctx: RankContext, step: int, time_s: float) -> list[MemorySample]:
@@ -386,6 +417,21 @@ def _failure(job: RankJob, e: BaseException, probe: Probe | None) -> RankDone:
     return RankDone(job.rank, "error", f"rank {job.rank} failed in {phase or 'setup'}: {detail}", device, phase)
 
 
+def _send_oom_memory(channel: Channel, e: BaseException, probe: Probe | None, done: RankDone) -> None:
+    """The failing device's memory by category at the moment it ran out, as an event."""
+    with contextlib.suppress(Exception):
+        if probe is None or done.device is None:
+            return
+        ledger = probe.ledger
+        device = ledger.devices[done.device]
+        breakdown = getattr(e, "breakdown", None) or ledger.breakdown(device.index)
+        peak, extra = ledger.cuda_extra(device)
+        total = sum(breakdown.values())
+        sample = MemorySample(probe.step, device.index, breakdown, max(peak, total, ledger.peak[device.index]),
+                              device.capacity_bytes, perf_counter() - probe.t0, done.phase, extra)
+        channel.send(Batch(done.rank, probe.step, events=[sample]))
+
+
 def _local_devices(job: RankJob, cfg: RunConfig) -> list[Device]:
     from .parallel import STRATEGIES
 
@@ -407,14 +453,17 @@ def _setup_cuda(local: list[Device]) -> None:
             torch.cuda.set_per_process_memory_fraction(1.0 / d.share, d.gpu)
 
 
-def _init_distributed(job: RankJob) -> Any:
+def _init_distributed(job: RankJob, hang_timeout_s: float) -> Any:
     import datetime
 
     import torch.distributed as dist
 
     store = dist.TCPStore(job.store_host, job.store_port, job.world, is_master=False,
                           timeout=datetime.timedelta(seconds=60))
-    dist.init_process_group(job.backend, store=store, rank=job.rank, world_size=job.world)
+    # Collectives give up a little after the controller's hang timeout: the controller
+    # names the hung rank first, and no rank waits forever if the controller is gone.
+    timeout = datetime.timedelta(seconds=hang_timeout_s + 10)
+    dist.init_process_group(job.backend, store=store, rank=job.rank, world_size=job.world, timeout=timeout)
     return dist.group.WORLD
 
 
