@@ -282,18 +282,27 @@ def _fake_tensors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _stand_ins(module: Any) -> Iterator[None]:
-    """DistributedDataParallel's reducer is C++ that reads tensor data, which fake tensors
-    have none of: in the strategy's module, for the trace, it is replaced by _TracedDDP."""
+    """What cannot run on fake tensors, replaced in the strategy's module for the trace:
+    DistributedDataParallel's reducer is C++ that reads tensor data (_TracedDDP instead),
+    and a device mesh reads its rank map (it is made of real tensors, as in a run)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
-    names = [n for n, v in vars(module).items() if v is DistributedDataParallel]
-    for n in names:
-        setattr(module, n, _TracedDDP)
+    def real_mesh(*args: Any, **kwargs: Any) -> Any:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            return init_device_mesh(*args, **kwargs)
+
+    swaps = {DistributedDataParallel: _TracedDDP, init_device_mesh: real_mesh}
+    names = {n: v for n, v in vars(module).items() if any(v is k for k in swaps)}
+    for n, v in names.items():
+        setattr(module, n, next(new for old, new in swaps.items() if old is v))
     try:
         yield
     finally:
-        for n in names:
-            setattr(module, n, DistributedDataParallel)
+        for n, v in names.items():
+            setattr(module, n, v)
 
 
 class _TracedDDP(nn.Module):
