@@ -120,6 +120,10 @@ class ConfigPanel(QWidget):
     def problems(self) -> list[str]:
         return list(self._problems)
 
+    def set_locked(self, locked: bool) -> None:
+        """Lock the form while a run goes (its settings are the run's); the text stays readable."""
+        self.form.setEnabled(not locked)
+
     def set_config(self, cfg: RunConfig) -> None:
         """Show cfg in the form (presets, files, the remembered config)."""
         self._loading = True
@@ -149,21 +153,28 @@ class ConfigPanel(QWidget):
     # ---- building the form ---------------------------------------------------------------
 
     def _build(self) -> None:
+        # A scrolling form above a fixed footer: the problems and the prediction stay in
+        # view whichever field is being edited.
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # the form fits the dock's width
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        outer.addWidget(scroll)
+        outer.addWidget(scroll, 1)
         body = QWidget()
         scroll.setWidget(body)
-        lay = QVBoxLayout(body)
-
+        top = QVBoxLayout(body)
         self.title = QLabel(objectName="configTitle", wordWrap=True)
         self.description = QLabel(objectName="configDescription", wordWrap=True)
-        lay.addWidget(self.title)
-        lay.addWidget(self.description)
+        top.addWidget(self.title)
+        top.addWidget(self.description)
+        # Everything below the title is the form proper: locked while a run goes.
+        self.form = QWidget()
+        top.addWidget(self.form)
+        top.addStretch(1)
+        lay = QVBoxLayout(self.form)
+        lay.setContentsMargins(0, 0, 0, 0)
 
         # Mode
         box = QGroupBox("Parallelism")
@@ -225,10 +236,12 @@ class ConfigPanel(QWidget):
         form.addRow(self.reshard)
         lay.addWidget(box)
 
-        # Problems and the prediction
+        # Footer: problems and the prediction
+        footer = QVBoxLayout()
+        footer.setContentsMargins(8, 4, 8, 8)
         self.problems_label = QLabel(objectName="problems", wordWrap=True)
         self.problems_label.setTextFormat(Qt.TextFormat.PlainText)
-        lay.addWidget(self.problems_label)
+        footer.addWidget(self.problems_label)
         box = QGroupBox("Predicted peak memory")
         pv = QVBoxLayout(box)
         self.estimate_label = QLabel(wordWrap=True, objectName="estimate")
@@ -236,8 +249,8 @@ class ConfigPanel(QWidget):
         pv.addWidget(self.estimate_label)
         pv.addWidget(self.estimate_warning)
         self.estimate_box = box
-        lay.addWidget(box)
-        lay.addStretch(1)
+        footer.addWidget(box)
+        outer.addLayout(footer)
 
     def _build_devices(self) -> QGroupBox:
         box = QGroupBox("Devices")

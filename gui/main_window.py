@@ -221,7 +221,8 @@ class MainWindow(QMainWindow):
         if geometry:
             self.restoreGeometry(geometry)
         else:
-            self.resize(1500, 920)
+            room = self.screen().availableGeometry()
+            self.resize(min(room.width(), 1600), min(room.height(), 1000))
         state = s.value("state")
         if state:
             self.restoreState(state)
@@ -307,7 +308,7 @@ class MainWindow(QMainWindow):
         self.resume_action.setEnabled(state == "paused")
         self.stop_action.setEnabled(busy and state != "stopping")
         self.lr_box.setEnabled(state in ("running", "paused"))
-        self.panel.setEnabled(not busy)
+        self.panel.set_locked(busy)
         self.presets_menu.setEnabled(not busy)
 
     # ---- controller signals ----------------------------------------------------------------
@@ -316,8 +317,8 @@ class MainWindow(QMainWindow):
         self._update_actions()
 
     def _on_estimate(self, est: Any) -> None:
-        if not self.controller.running:
-            self._set_prediction(est)
+        # The form is locked during a run, so a prediction arriving then is the run's own.
+        self._set_prediction(est)
 
     def _set_prediction(self, est: Any) -> None:
         pred = {d.device: {"peak_bytes": d.peak_bytes, "bytes": dict(d.bytes)} for d in est.devices} if est else {}
@@ -327,12 +328,12 @@ class MainWindow(QMainWindow):
         self.data.reset(start)
         self._set_prediction(self.panel.estimate)
         self.dashboard.start()
-        if self._state == "starting":
-            self._set_state("running")
 
     def _on_events(self, batch: list) -> None:
         self.data.add(batch)
         last = self.data.last_step
+        if last is not None and self._state == "starting":
+            self._set_state("running")  # the ranks are up and training
         if last is not None:
             self.step_label.setText(f"step {last.step}/{self._total_steps}")
             self.loss_label.setText(f"loss {last.loss:.4g}")

@@ -88,7 +88,7 @@ def test_run_pause_resume_learning_rate_stop_and_export(window, qtbot, tmp_path,
     w.controller.events.connect(collected.append)
 
     assert w.start_run()
-    assert not w.start_action.isEnabled() and not panel.isEnabled()
+    assert not w.start_action.isEnabled() and not panel.form.isEnabled()
     data = w.data
     qtbot.waitUntil(lambda: len(data.steps) >= 5 and all(len(d.memory) for d in data.devices), timeout=START_S * 1000)
     assert [d.label for d in data.devices] == [f"sim{i}" for i in range(DEVICES)]
@@ -124,7 +124,7 @@ def test_run_pause_resume_learning_rate_stop_and_export(window, qtbot, tmp_path,
     assert w.controller.last_end.status == "stopped"
     assert not w.banner.isVisible()
     assert alive(pids) == []
-    assert w.start_action.isEnabled() and panel.isEnabled()
+    assert w.start_action.isEnabled() and panel.form.isEnabled()
 
     # Exports: the run's events as JSONL and CSV, the plots as PNG.
     assert w.export_events(tmp_path / "events.jsonl", "jsonl")
@@ -263,13 +263,18 @@ def test_bare_paralab_opens_the_app(tmp_path):
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "XDG_CONFIG_HOME": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "paralab.gui.entry"], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    settings = Path(tmp_path, "paralab", "paralab.conf")
     try:
-        time.sleep(8)
+        # The window writes its theme to the settings once it is up: then it can take a signal.
+        deadline = time.time() + START_S
+        while not settings.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
         assert proc.poll() is None, proc.stdout.read().decode()
+        assert settings.exists()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 128 + signal.SIGINT
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert Path(tmp_path, "paralab", "paralab.conf").exists()  # the config and geometry are remembered
+    assert "config=" in settings.read_text()  # closing remembers the config (and the geometry)
