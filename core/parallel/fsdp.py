@@ -22,11 +22,15 @@ from time import perf_counter
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
-    DefaultAllGather,
-    DefaultReduceScatter,
-)
 from torch.distributed.tensor import DTensor
+
+try:  # FSDP's default collectives, to wrap with a stopwatch (torch >= 2.8; private names)
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
+        DefaultAllGather,
+        DefaultReduceScatter,
+    )
+except ImportError:  # older torch: train untimed
+    DefaultAllGather = DefaultReduceScatter = None
 
 from ..data import make_dataset
 from ..models import build_model, loss_fn
@@ -43,9 +47,10 @@ def apply_fsdp(ctx) -> Trainer:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
     timer = _CommTimer(device)
-    for layer in model:
-        layer.set_custom_all_gather(timer.all_gather)
-        layer.set_custom_reduce_scatter(timer.reduce_scatter)
+    if DefaultAllGather is not None and hasattr(model, "set_custom_all_gather"):
+        for layer in model:
+            layer.set_custom_all_gather(timer.all_gather)
+            layer.set_custom_reduce_scatter(timer.reduce_scatter)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     optimizer = make_optimizer(model.parameters(), cfg.train)  # on the shards only
     ctx.ledger.add_params(model.parameters(), device.index)
@@ -84,6 +89,8 @@ class _CommTimer:
     def __init__(self, device) -> None:
         self.device = device
         self.probe = None
+        if DefaultAllGather is None:
+            return
         timer = self
 
         class AllGather(DefaultAllGather):
