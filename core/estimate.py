@@ -299,10 +299,43 @@ def _stand_ins(module: Any) -> Iterator[None]:
     for n, v in names.items():
         setattr(module, n, next(new for old, new in swaps.items() if old is v))
     try:
-        yield
+        with _pipeline_vote():
+            yield
     finally:
         for n, v in names.items():
             setattr(module, n, v)
+
+
+@contextlib.contextmanager
+def _pipeline_vote() -> Iterator[None]:
+    """Before its first step a pipeline schedule has the stages vote, over send/recv,
+    whether they need shapes inferred at run time, and reads the result with .item().
+    A rank traced alone cannot hear the others: its own vote stands for all of them
+    (every paralab stage gives its shapes, so every stage votes the same)."""
+    from torch.distributed.pipelining.stage import PipelineStage
+
+    try:
+        from torch.distributed.pipelining._utils import InferenceMode
+    except ImportError:
+        InferenceMode = None
+    methods = ("_warmup_forward_vote", "_warmup_backward_result")
+    if InferenceMode is None or not all(hasattr(PipelineStage, m) for m in methods):
+        yield  # another torch: let the trace say what fails
+        return
+
+    def forward_vote(stage: Any, has_backward: bool, received_acc: Any = None) -> Any:
+        vote = 0 if InferenceMode.needs_dynamic(stage._user_meta, has_backward) else 1
+        return torch.tensor([vote], dtype=torch.int32)  # a fake constant: .item() works
+
+    def backward_result(stage: Any, received_result: Any = None) -> Any:
+        return received_result if received_result is not None else forward_vote(stage, True)
+
+    originals = [getattr(PipelineStage, m) for m in methods]
+    PipelineStage._warmup_forward_vote, PipelineStage._warmup_backward_result = forward_vote, backward_result
+    try:
+        yield
+    finally:
+        PipelineStage._warmup_forward_vote, PipelineStage._warmup_backward_result = originals
 
 
 class _TracedDDP(nn.Module):
