@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None,
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .events import RunEnded, StepDone
-    from .run import Run
+    from .run import Run, prewarm
 
+    prewarm()  # torch loads in the forkserver while the config is read and checked
     cfg = load_config(args)
     try:
         run = Run(cfg, metrics=args.metrics)

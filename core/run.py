@@ -35,12 +35,38 @@ SETUP_TIMEOUT_S = 120.0
 FAILURE_GRACE_S = 1.0
 
 
+# What the forkserver imports once, so a rank starts in a fork, not in seconds of imports:
+# torch, every strategy, and what DDP/FSDP/pipelining import lazily on first use
+# (DDP's constructor alone pulls in ~800 modules: dynamo, inductor, sympy).
+PRELOAD = [
+    "torch",
+    "torch.distributed._functional_collectives",
+    "torch.distributed.algorithms._optimizer_overlap",
+    "torch.distributed.rpc",
+    "torch.nn.parallel.distributed",
+    "torch.distributed.fsdp",
+    "torch.distributed.pipelining",
+    "torch.distributed.tensor.parallel",
+    "paralab.core.worker",
+    "paralab.core.memory",
+    *(f"paralab.core.parallel.{s.module}" for s in STRATEGIES.values()),
+]
+
+
 def context() -> Any:
-    """The multiprocessing context ranks start from: a forkserver with torch preloaded,
-    so starting a rank costs a fork, not an import of torch."""
+    """The multiprocessing context ranks start from: a forkserver with PRELOAD imported."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "paralab.core.worker", "paralab.core.parallel"])
+    ctx.set_forkserver_preload(PRELOAD)
     return ctx
+
+
+def prewarm() -> None:
+    """Start the forkserver now (it imports PRELOAD in the background), so that the first
+    Start does not wait for it.  Call it when the app or the CLI starts."""
+    from multiprocessing import forkserver
+
+    context()
+    forkserver.ensure_running()
 
 
 class Run:
