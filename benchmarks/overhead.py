@@ -20,7 +20,6 @@ import statistics
 import time
 
 import torch
-
 from paralab.core import presets
 from paralab.core.data import make_dataset
 from paralab.core.events import StepDone

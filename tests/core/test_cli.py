@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from paralab.core.cli import main
 
 SEED = ["run", "--preset", "seed-data-parallel", "--set", "mode=single", "--set", "devices=sim:1"]

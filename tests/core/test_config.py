@@ -3,7 +3,6 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from paralab.core.config import Bytes, ConfigError, RunConfig, field_docs, keys
 
 

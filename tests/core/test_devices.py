@@ -1,5 +1,4 @@
 import pytest
-
 from paralab.core.devices import DeviceError, GpuInfo, parse_spec, resolve
 
 GPUS = [GpuInfo(0, "H200", 141 * 2**30), GpuInfo(1, "H200", 141 * 2**30)]

@@ -1,7 +1,17 @@
 import json
 
-from paralab.core.events import (MemorySample, PhaseSpan, RunEnded, RunStarted, StepDone, UtilizationSample,
-                                 EventWriter, from_json, read_events, to_json)
+from paralab.core.events import (
+    EventWriter,
+    MemorySample,
+    PhaseSpan,
+    RunEnded,
+    RunStarted,
+    StepDone,
+    UtilizationSample,
+    from_json,
+    read_events,
+    to_json,
+)
 
 EVENTS = [
     RunStarted("ddp", [{"index": 0, "label": "sim0"}], {"mode": "ddp"}, 2, 10, 1.0),

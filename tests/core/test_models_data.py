@@ -1,9 +1,15 @@
 import pytest
 import torch
-
 from paralab.core.config import DataConfig, ModelConfig
 from paralab.core.data import make_dataset
-from paralab.core.models import build_model, count_params, layer_names, loss_fn, num_layers, split_layers
+from paralab.core.models import (
+    build_model,
+    count_params,
+    layer_names,
+    loss_fn,
+    num_layers,
+    split_layers,
+)
 
 MODELS = [ModelConfig(kind="linear"), ModelConfig(kind="split-nn"),
           ModelConfig(kind="mlp", width=16, depth=2),

@@ -1,8 +1,8 @@
 """Every preset runs a few steps (examples as smoke tests)."""
 
 import pytest
-
 from paralab.core import presets
+
 from tests.helpers import ended, losses, run_events
 
 # The out-of-memory preset is meant to fail, and must fail the right way.

@@ -10,7 +10,6 @@ import time
 
 import psutil
 import pytest
-
 from paralab.core.config import RunConfig
 from paralab.core.events import MemorySample, RunEnded, StepDone, read_events
 from paralab.core.run import Run
