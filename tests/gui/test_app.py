@@ -20,9 +20,12 @@ from pathlib import Path  # noqa: E402
 
 import psutil  # noqa: E402
 import pytest  # noqa: E402
+from paralab.core.config import RunConfig  # noqa: E402
 from paralab.core.events import RunEnded, StepDone, read_events  # noqa: E402
 from paralab.gui.main_window import MainWindow  # noqa: E402
+from paralab.gui.style import is_dark  # noqa: E402
 from PySide6.QtCore import QSettings  # noqa: E402
+from PySide6.QtWidgets import QApplication, QPushButton  # noqa: E402
 
 pytestmark = pytest.mark.slow
 START_S = 120  # rank processes: forkserver start-up, torch import, gloo rendezvous
@@ -161,6 +164,30 @@ def test_bad_input_shows_its_sentence_and_disables_start(window):
     panel.memory.setText("24GiB")
     assert panel.problems() == [] and panel.memory.property("problem") is False
     assert w.start_action.isEnabled()
+
+
+def test_config_files_and_themes(window, tmp_path):
+    w, panel = window, window.panel
+    fill(panel, mode="ddp", devices=2, batch=16, steps=7)
+    assert w.save_config(tmp_path / "run.toml")
+    saved = panel.config()
+    fill(panel, mode="ddp", devices=2, batch=8, steps=9)
+    assert panel.config() != saved
+    assert w.open_config(tmp_path / "run.toml")
+    assert panel.config() == saved == RunConfig.load(tmp_path / "run.toml")
+
+    (tmp_path / "bad.toml").write_text("mode = 'ddp'\n[train]\nsteps = 'many'\n")
+    assert not w.open_config(tmp_path / "bad.toml")
+    assert w.banner.text() == "Bad config: train.steps must be a whole number, not 'many'"
+    assert panel.config() == saved  # the form keeps what it had
+    w.banner.findChild(QPushButton, "bannerDismiss").click()
+    assert not w.banner.isVisible()
+
+    w.apply_theme("dark")
+    assert is_dark(QApplication.palette()) and w.settings.value("theme") == "dark"
+    assert "QFrame#banner" in QApplication.instance().styleSheet()
+    w.apply_theme("light")
+    assert not is_dark(QApplication.palette())
 
 
 def test_placement_table_moves_layers_between_devices(window):
