@@ -56,9 +56,9 @@ def _device_by_device(ctx, model: nn.Module, optimizer, data):
 
     def step(i, probe):
         x, y = data.batch(i, cfg.train.batch_size)
-        start = perf_counter()
+        start = step_start = perf_counter()
         chunks = x.chunk(len(ctx.local_devices))  # may be fewer chunks than devices, as in DataParallel
-        devices = ctx.local_devices[:len(chunks)]
+        devices, unused = ctx.local_devices[:len(chunks)], ctx.local_devices[len(chunks):]
         others = devices[1:]
         chunks = [chunks[0]] + [c.to(d.torch_device, copy=True) for c, d in zip(chunks[1:], others)]
         _spans(probe, devices, "communication", start)  # scatter
@@ -117,6 +117,7 @@ def _device_by_device(ctx, model: nn.Module, optimizer, data):
         with probe.phase(first.index, "optimizer"):
             optimizer.step()
         _spans(probe, others, "idle", start)
+        _spans(probe, unused, "idle", step_start)  # no samples left for them: they wait all step
         return loss
 
     return step

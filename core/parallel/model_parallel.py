@@ -55,9 +55,9 @@ def apply_model_parallel(ctx) -> Trainer:
                 out = part(inputs[k])
                 if d is last:
                     loss = loss_fn(cfg.model, out, y)
-                    probe.other(d.index, inputs[k], y, out.detach(), loss.detach())
+                    probe.other(d.index, inputs[k].detach(), y, out.detach(), loss.detach())
                 else:
-                    probe.other(d.index, inputs[k], out.detach())
+                    probe.other(d.index, inputs[k].detach(), out.detach())
             busy[d.index].append((start, perf_counter()))
             outputs.append(out)
 
