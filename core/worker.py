@@ -392,7 +392,10 @@ def _memory_events(ctx: RankContext, step: int, time_s: float) -> list[MemorySam
         bytes_, phase = ledger.step_peak(d.index)
         peak = ledger.peak[d.index]
         cuda_peak, extra = ledger.cuda_extra(d)
-        if extra:
+        # The allocator counts per GPU: with several of this process's logical devices on one
+        # GPU it would give each the others' memory too, so there the categories alone count.
+        alone = sum(x.gpu == d.gpu for x in ctx.local_devices) == 1
+        if extra and alone:
             # On CUDA the allocator knows what the categories miss: count it as other.
             counted = sum(bytes_.values())
             bytes_["other"] += max(0, extra["allocated"] - counted)
@@ -447,10 +450,12 @@ def _setup_cuda(local: list[Device]) -> None:
     import torch
 
     torch.cuda.set_device(cuda[0].gpu)
-    for d in cuda:
-        if d.share > 1:
-            # A logical device on a shared GPU is held to its share, like a smaller GPU.
-            torch.cuda.set_per_process_memory_fraction(1.0 / d.share, d.gpu)
+    for gpu in sorted({d.gpu for d in cuda}):
+        mine = [d for d in cuda if d.gpu == gpu]
+        if mine[0].share > 1:
+            # A logical device on a shared GPU is held to its share, like a smaller GPU; a
+            # process that drives several of them (data-, model-parallel) gets all of theirs.
+            torch.cuda.set_per_process_memory_fraction(len(mine) / mine[0].share, gpu)
 
 
 def _init_distributed(job: RankJob, hang_timeout_s: float) -> Any:
