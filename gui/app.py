@@ -31,7 +31,9 @@ def main(cfg: RunConfig | None = None, start: bool = False) -> int:
 
     def on_signal(signum: int, _frame: object) -> None:
         received.append(signum)
-        QTimer.singleShot(0, window.close)
+        # The first signal closes as the close button does; a second one does not wait
+        # for the ranks to stop by themselves.
+        QTimer.singleShot(0, window.close if len(received) == 1 else window.force_close)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     wake = QTimer()

@@ -163,7 +163,8 @@ class MainWindow(QMainWindow):
 
         menu = self.menuBar()
         file = menu.addMenu("&File")
-        file.addAction(self._action("Open config…", self._open_config_dialog, "Ctrl+O"))
+        self.open_action = self._action("Open config…", self._open_config_dialog, "Ctrl+O")
+        file.addAction(self.open_action)
         file.addAction(self._action("Save config…", self._save_config_dialog, "Ctrl+S"))
         file.addSeparator()
         file.addAction(self._action("Export plots to PNG…", self._export_png_dialog))
@@ -309,7 +310,8 @@ class MainWindow(QMainWindow):
         self.stop_action.setEnabled(busy and state != "stopping")
         self.lr_box.setEnabled(state in ("running", "paused"))
         self.panel.set_locked(busy)
-        self.presets_menu.setEnabled(not busy)
+        self.presets_menu.setEnabled(not busy)  # the form is the running run's until it ends
+        self.open_action.setEnabled(not busy)
 
     # ---- controller signals ----------------------------------------------------------------
 
@@ -446,12 +448,14 @@ class MainWindow(QMainWindow):
                 self._closing = True
                 self.stop_run()
                 self.state_label.setText("Stopping the run before closing…")
-                QTimer.singleShot(STOP_CLOSE_TIMEOUT_MS, self._force_close)
+                QTimer.singleShot(STOP_CLOSE_TIMEOUT_MS, self.force_close)
             return
         self.dashboard.stop()
+        self.controller.cleanup()  # the temporary events file: nothing can export it any more
         event.accept()
 
-    def _force_close(self) -> None:
+    def force_close(self) -> None:
+        """Close now: ranks that have not ended within a moment are killed."""
         if self.controller.running:
             self.controller.shutdown(timeout_s=2.0)  # kills what is left
         self._forced = True
