@@ -123,8 +123,9 @@ class MemoryLedger:
         self._optimizers.append(optimizer)
 
     def set_other(self, device: int, tensors: Iterable[torch.Tensor]) -> None:
-        """Tensors of this step that are neither params nor saved activations (batch, output, loss)."""
-        self._other[device] = [t for t in tensors if isinstance(t, torch.Tensor)]
+        """Tensors of this step that are neither params nor saved activations (batch, output, loss).
+        Kept detached: the ledger must not keep an output's autograd graph alive."""
+        self._other[device] = [t.detach() for t in tensors if isinstance(t, torch.Tensor)]
 
     def _refresh_param_keys(self) -> None:
         self._param_keys = {k for ps in self._params.values() for p in ps if (k := _storage_key(_local(p)))}

@@ -40,9 +40,17 @@ def no_leftover_ranks():
 
 
 def _is_rank(p: psutil.Process) -> bool:
+    """Ranks are forked by the forkserver, so they carry its command line; the forkserver
+    itself is the one whose parent is not a forkserver."""
     try:
+        if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE:
+            return False
         cmd = " ".join(p.cmdline())
-        return (p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                and "forkserver" not in cmd and "resource_tracker" not in cmd)
+        if "resource_tracker" in cmd:
+            return False
+        if "forkserver" in cmd:
+            parent = p.parent()
+            return parent is not None and "forkserver" in " ".join(parent.cmdline())
+        return True
     except psutil.Error:
         return False
