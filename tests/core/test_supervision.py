@@ -126,3 +126,20 @@ def test_rank_exception_is_reported(kind, no_leftover_ranks):
     events = list(Run(DDP, faults={0: f"{kind}@3"}).events())
     end = events[-1]
     assert end.status == "error" and end.device == 0 and "injected fault" in end.message
+
+
+def test_the_leftover_check_sees_a_forked_rank():
+    """The fixture that guards every test above must be able to fail."""
+    import time as _time
+
+    from paralab.core.run import context
+    from tests.conftest import _is_rank
+
+    p = context().Process(target=_time.sleep, args=(30,), daemon=True)
+    p.start()
+    try:
+        ranks = [c for c in psutil.Process().children(recursive=True) if _is_rank(c)]
+        assert p.pid in [r.pid for r in ranks]
+    finally:
+        p.kill()
+        p.join()
