@@ -15,10 +15,14 @@ from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication
 
 from ..core.config import RunConfig
+from ..core.run import prewarm
 from .main_window import MainWindow
 
 
 def main(cfg: RunConfig | None = None, start: bool = False) -> int:
+    # Ranks fork from a forkserver that imports torch once; start it while the window opens,
+    # so Start is a fork away (benchmarks/startup.py).
+    prewarm()
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setOrganizationName("paralab")
     app.setApplicationName("paralab")
