@@ -215,11 +215,19 @@ def _trace_rank(cfg: RunConfig, devices: list[Device], rank: int, world: int,
             ledger.begin_step()
             trainer.step(step, probe)
             probe.spans.clear()
+            for opt in trainer.optimizers:
+                # Its state exists now and later steps only change values in place: on
+                # fake tensors the step is a third of the trace's time and adds no byte.
+                opt.step = _no_step
             for d in local:
                 bytes_, phase = ledger.step_peak(d.index)
                 if sum(bytes_.values()) > best[d.index][0]:
                     best[d.index] = (sum(bytes_.values()), bytes_, phase)
     return {d.index: (best[d.index][1], ledger.peak[d.index], best[d.index][2]) for d in local}
+
+
+def _no_step(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 @contextlib.contextmanager
@@ -452,53 +460,137 @@ FLOAT = 4  # paralab trains in float32
 LONG = 8
 
 
-def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
-    """Bytes from shapes: who holds which parameters, and how many samples' activations."""
-    t, n = cfg.train, len(devices)
+@dataclass(frozen=True)
+class Shapes:
+    """Bytes of a model, per layer: what the formula multiplies and adds."""
+
+    params: list[int]
+    """Parameter bytes of each layer."""
+    saved: list[float]
+    """Bytes autograd saves for backward per sample in each layer, each tensor once; a
+    layer's output that the next layer saves counts here, with the layer that made it."""
+    out: list[float]
+    """Output bytes per sample of each layer (what crosses to the next device)."""
+    io: float
+    """Input and target bytes per sample (both saved: by the first layer and by the loss)."""
+    unsaved: float
+    """Output bytes per sample that autograd does not keep (the transformer's logits), and
+    the loss (on the CPU, MSE's is a view of a buffer as large as the output)."""
+    split: float
+    """Per sample: the saved bytes of the blocks that tensor parallel splits."""
+    keeps_output: tuple[bool, ...]
+    """Per layer: whether the layer itself saves its output (a closing ReLU does)."""
+    fixed: float = 0.0
+    """Saved bytes that do not grow with the batch (the transformer's positions)."""
+
+
+def shapes(cfg: RunConfig) -> Shapes:
+    m = cfg.model
     params = layer_params(cfg)
-    acts = layer_activations(cfg)  # per sample, per layer
-    unsaved = unsaved_output_bytes(cfg)  # per sample: the outputs autograd does not keep
+    n = len(params)
+    if m.kind in ("linear", "split-nn"):
+        widths = [1] if m.kind == "linear" else [50, 20, 1]
+        d_in = 1 if m.kind == "linear" else 10
+        saved = [(d_in + w) * FLOAT for w in widths]
+        saved[-1] = (d_in if n == 1 else 0) * FLOAT + 2 * FLOAT  # the loss keeps output and target
+        return Shapes(params, saved, [w * FLOAT for w in widths], (d_in + 1) * FLOAT, FLOAT, 0.0,
+                      (False,) if n == 1 else (True, True, False))
+    if m.kind == "mlp":
+        w = m.width
+        # First layer: input and ReLU output; a block: its ReLU output (2w) and its own
+        # output, which the next layer saves; the loss: output and target.
+        saved = [(m.in_features + w) * FLOAT] + [3 * w * FLOAT] * m.depth + [2 * m.out_features * FLOAT]
+        out = [w * FLOAT] * (n - 1) + [m.out_features * FLOAT]
+        return Shapes(params, saved, out, (m.in_features + m.out_features) * FLOAT, m.out_features * FLOAT,
+                      m.depth * 2 * w * FLOAT, (True,) + (False,) * (n - 1))
+    d, t, v, h = m.width, m.seq_len, m.vocab, m.heads
+    # A block saves per token: 2 norm outputs, q k v, attention output, the residual, the
+    # 4d up-projection and its gelu, its own output (16 d); norm statistics (4) and
+    # attention's log-sum-exp (one per head).
+    block = t * (16 * d + 4 + h) * FLOAT
+    embed = t * (LONG + d * FLOAT)  # token ids, the summed embedding
+    head = t * ((d + v + 2) * FLOAT + LONG)  # norm output and statistics, log-softmax, targets
+    saved = [embed] + [block] * m.depth + [head]
+    out = [t * d * FLOAT] * (n - 1) + [t * v * FLOAT]
+    return Shapes(params, saved, out, 2 * t * LONG, t * v * FLOAT, m.depth * t * (12 * d + h) * FLOAT,
+                  (False,) * n, fixed=t * LONG + FLOAT)
+
+
+def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
+    """Bytes from shapes: who holds which parameters, and how many samples' activations.
+
+    The peak is taken where a run's is: at the end of a forward, with the last step's
+    gradients still alive (zero_grad comes after the forward), or after a backward."""
+    from .models import split_layers
+
+    t, n, mode = cfg.train, len(devices), cfg.mode
+    sh = shapes(cfg)
     state = 2 if t.optimizer in ("adam", "adamw") else 0
-    B, mode, total = t.batch_size, cfg.mode, sum(params)
+    B, total, everything = t.batch_size, sum(sh.params), range(len(sh.params))
 
-    def held(p: float, samples: float, layers: Iterable[int], extra: float = 0.0,
-             last: bool = True) -> dict[str, int]:
-        a = samples * sum(acts[i] for i in layers)
-        return {"params": int(p), "grads": int(p), "optimizer": int(state * p),
-                "activations": int(a), "other": int(extra + (samples * unsaved if last else 0))}
+    def device(p: float, samples: float, layers: Iterable[int] = everything, other: float = 0.0,
+               grads: float | None = None, acts: float | None = None) -> dict[str, int]:
+        a = samples * sum(sh.saved[i] for i in layers) + sh.fixed if acts is None else acts
+        return {"params": int(p), "grads": int(p if grads is None else grads), "optimizer": int(state * p),
+                "activations": int(a), "other": int(other)}
 
-    everything = range(len(params))
+    per = B / n
+    slices = (B - per) * sh.io  # a rank's slice of the batch is a view: its storage is the whole batch
     out: list[dict[str, int]] = []
+    whole = B * sum(sh.saved) + sh.fixed
     if mode == "single":
-        out = [held(total, B, everything)]
+        out = [device(total, B, other=B * sh.unsaved)]
     elif mode == "ddp":
-        out = [held(total, B / n, everything) for _ in devices]
-    elif mode == "data-parallel":
-        # nn.DataParallel: the module and its optimizer live on device 0; every step the
-        # others get a fresh replica of the parameters (no grads of their own) and a chunk.
-        chunk = [len(c) for c in _chunks(B, n)]
-        out = [held(total, chunk[0], everything, extra=B * unsaved - chunk[0] * unsaved)]
-        out += [{**held(0, chunk[i], everything, last=False), "params": total} for i in range(1, n)]
-    elif mode in ("model-parallel", "pipeline"):
-        from .models import split_layers
-
-        ranges = split_layers(len(params), n, cfg.placement.split)
-        for s, layers in enumerate(ranges):
-            if mode == "pipeline" and t.schedule == "1f1b":
-                in_flight = min(t.micro_batches, n - s) * B / t.micro_batches
-            else:  # naive split, gpipe: every sample's activations wait for the backward
-                in_flight = B
-            out.append(held(sum(params[i] for i in layers), in_flight, layers, last=s == n - 1))
+        # DDP's buckets: one more flat copy of the gradients.
+        out = [device(total, per, acts=whole - B * sum(sh.saved) + per * sum(sh.saved) + slices,
+                      other=per * sh.unsaved + total) for _ in devices]
     elif mode == "fsdp":
-        # Sharded: 1/n of everything, plus the one layer gathered whole while it computes.
-        gathered = max(params) * (n - 1) / n
-        out = [{**held(total / n, B / n, everything), "other": int(B / n * unsaved + gathered)}
-               for _ in devices]
+        shard = _sharded_bytes(cfg, n, lambda name, shape: 0)
+        gathered = 0 if cfg.placement.reshard_after_forward else total  # kept whole until backward
+        out = [device(shard[r], per, acts=sh.fixed + per * sum(sh.saved) + slices,
+                      other=per * sh.unsaved + gathered) for r in range(n)]
     elif mode == "tensor-parallel":
-        split = tensor_parallel_split(cfg)  # bytes of weights split over the devices
-        p = total - split + split / n
-        a = B * sum(acts) * (1 - tensor_parallel_activation_share(cfg) * (1 - 1 / n))
-        out = [{**held(p, B, everything), "activations": int(a)} for _ in devices]
+        shard = _sharded_bytes(cfg, n, _tensor_parallel_dim)
+        acts = whole - B * sh.split * (1 - 1 / n)
+        out = [device(shard[r], B, acts=acts, other=B * sh.unsaved) for r in range(n)]
+    elif mode == "data-parallel":
+        chunk = [len(c) for c in _chunks(B, n)] + [0] * n
+        # Device 0: the module, its gradients and state, chunk 0 (a view of the whole
+        # batch) and the gathered output; the others: a fresh replica and their chunk,
+        # then after backward the replica's gradients.
+        gather = B * sh.out[-1]
+        out = [device(total, chunk[0], other=(B - chunk[0]) * sh.io + gather + B * sh.unsaved)]
+        for k in range(1, n):
+            fwd = device(total, chunk[k], grads=0, other=chunk[k] * sh.out[-1])
+            fwd["optimizer"] = 0
+            bwd = {**fwd, "grads": total, "activations": 0}
+            out.append(max(fwd, bwd, key=lambda b: sum(b.values())))
+    elif mode in ("model-parallel", "pipeline"):
+        ranges = split_layers(len(sh.params), n, cfg.placement.split)
+        for s, layers in enumerate(ranges):
+            p = sum(sh.params[i] for i in layers)
+            first, last = layers.start == 0, s == n - 1
+            received = 0 if first else sh.out[layers.start - 1]  # the input copied in, saved here
+            saved = sum(sh.saved[i] for i in layers) + received
+            sent = sh.unsaved
+            if not last:  # the output the next device saves lives here unsaved, or saved by its own ReLU
+                end = layers.stop - 1
+                saved -= 0 if sh.keeps_output[end] else sh.out[end]
+                sent = 0 if sh.keeps_output[end] else sh.out[end]
+            fixed = sh.fixed if first or last else 0
+            if mode == "model-parallel":
+                out.append(device(p, B, layers, acts=B * saved + fixed, other=B * sent))
+                continue
+            m = t.micro_batches
+            in_flight = B if t.schedule == "gpipe" else min(m, n - s) * B / m
+            acts = in_flight * saved + fixed
+            buffers = 0 if last else B * sh.out[layers.stop - 1]  # a gradient buffer per micro-batch
+            # zero_grad runs before the schedule: gradients exist mid-step only once a
+            # micro-batch's backward has run, which 1F1B does before the last forward.
+            grads = p if t.schedule == "1f1b" and m > n - s else 0
+            fwd = device(p, in_flight, layers, grads=grads, acts=acts, other=buffers)
+            bwd = device(p, 0, layers, acts=0, other=buffers)
+            out.append(max(fwd, bwd, key=lambda b: sum(b.values())))
     return [DeviceEstimate(d.index, d.label, sum(b.values()), b, d.capacity_bytes, "formula")
             for d, b in zip(devices, out)]
 
@@ -506,6 +598,38 @@ def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
 def _chunks(batch: int, n: int) -> list[range]:
     size = -(-batch // n)  # torch.chunk's rule, as nn.DataParallel's scatter uses
     return [range(i, min(i + size, batch)) for i in range(0, batch, size)]
+
+
+def _sharded_bytes(cfg: RunConfig, n: int, dim_of: Any) -> list[int]:
+    """Parameter bytes of each rank when every parameter is cut along the dim
+    `dim_of(name, shape)` gives (None: kept whole), padded as torch.chunk cuts."""
+    from .models import build_model
+
+    model = build_model(cfg.model, 0, device="meta")
+    out = [0] * n
+    for name, p in model.named_parameters():
+        shape, dim = tuple(p.shape), dim_of(name, tuple(p.shape))
+        if dim is None or dim >= len(shape):
+            for r in range(n):
+                out[r] += p.numel() * FLOAT
+            continue
+        rest = p.numel() // shape[dim]
+        for r in range(n):
+            # FSDP pads every shard to the largest (dim 0); DTensor keeps its chunk's size.
+            rows = -(-shape[dim] // n) if dim == 0 and cfg.mode == "fsdp" else _chunk_len(shape[dim], n, r)
+            out[r] += rows * rest * FLOAT
+    return out
+
+
+def _tensor_parallel_dim(name: str, shape: tuple[int, ...]) -> int | None:
+    """The dim tensor parallel cuts: columns (dim 0) of a block's first Linear (fc1; q, k,
+    v; up), rows (dim 1) of its second (fc2; out; down), whose bias stays whole."""
+    leaf = name.split(".")[-2] if "." in name else ""
+    if leaf in ("fc1", "q", "k", "v", "up"):
+        return 0
+    if leaf in ("fc2", "out", "down"):
+        return 1 if name.endswith("weight") else None
+    return None
 
 
 @functools.lru_cache(maxsize=8)
@@ -520,54 +644,6 @@ def meta_shapes(model: ModelConfig) -> tuple[tuple[tuple[int, ...], ...], ...]:
 def layer_params(cfg: RunConfig) -> list[int]:
     """Parameter bytes of each layer."""
     return [sum(math.prod(s) for s in layer) * FLOAT for layer in meta_shapes(cfg.model)]
-
-
-def layer_activations(cfg: RunConfig) -> list[float]:
-    """Bytes autograd saves for backward per sample, per layer (the loss's on the last),
-    each distinct tensor once: a layer's input is usually the previous layer's output."""
-    m = cfg.model
-    if m.kind == "linear":
-        return [(1 + 2) * FLOAT]  # input; the loss keeps output and target
-    if m.kind == "split-nn":
-        return [(10 + 50) * FLOAT, 20 * FLOAT, 2 * FLOAT]
-    if m.kind == "mlp":
-        w = m.width
-        return ([(m.in_features + w) * FLOAT] + [3 * w * FLOAT] * m.depth
-                + [2 * m.out_features * FLOAT])
-    d, t, v, h = m.width, m.seq_len, m.vocab, m.heads
-    # Block: input, 2 norm outputs, q k v, attention output, residual, 4d up and gelu; norm
-    # statistics and attention's log-sum-exp are a few floats per token.
-    block = t * (16 * d + 4 + h) * FLOAT
-    embed = t * (LONG + d * FLOAT)
-    head = t * ((2 * d + v + 2) * FLOAT + LONG)  # final norm, its output, log-softmax, target
-    return [embed] + [block] * m.depth + [head]
-
-
-def unsaved_output_bytes(cfg: RunConfig) -> float:
-    """Per sample: what the last layer outputs that autograd does not keep (the logits)."""
-    m = cfg.model
-    return m.seq_len * m.vocab * FLOAT if m.kind == "transformer" else 0.0
-
-
-def tensor_parallel_split(cfg: RunConfig) -> float:
-    """Bytes of the weights tensor parallel splits: the blocks' linear layers."""
-    m = cfg.model
-    if m.kind == "mlp":
-        return m.depth * (4 * m.width * m.width + 3 * m.width) * FLOAT
-    if m.kind == "transformer":
-        d = m.width
-        return m.depth * (12 * d * d + 9 * d) * FLOAT
-    return 0.0
-
-
-def tensor_parallel_activation_share(cfg: RunConfig) -> float:
-    """The part of the activations that lives between a column and a row split."""
-    m = cfg.model
-    if m.kind == "mlp":
-        return sum(2 * m.width for _ in range(m.depth)) * FLOAT / max(sum(layer_activations(cfg)), 1)
-    if m.kind == "transformer":
-        return m.depth * m.seq_len * 12 * m.width * FLOAT / max(sum(layer_activations(cfg)), 1)
-    return 0.0
 
 
 # ---- after a run -------------------------------------------------------------------------------
