@@ -28,6 +28,7 @@ from .config import ConfigError, RunConfig
 from .devices import Device, resolve
 from .events import Event, EventWriter, RunEnded, RunStarted, StepDone
 from .parallel import STRATEGIES, world_size
+from .telemetry import Sampler
 
 STATUS_RANK = {"ok": 0, "stopped": 1, "error": 2, "oom": 3}
 STOP_GRACE_S = 4.0
@@ -120,14 +121,17 @@ class Run:
         writer = EventWriter(self.metrics) if self.metrics else None
         t0 = perf_counter()
         supervisor = _Supervisor(self, t0)
+        sampler: Sampler | None = None
         try:
             start = self._started()
             if writer:
                 writer.write([start])
             yield start
             supervisor.launch()
+            sampler = Sampler(self.devices, self.pids, t0, self.config.telemetry.interval_s, self.world)
+            sampler.start()
             while self.ended is None:
-                batch = supervisor.poll()
+                batch = sampler.merge(supervisor.poll())
                 if writer and batch:
                     writer.write(batch)
                 yield from batch
@@ -137,6 +141,8 @@ class Run:
                                       supervisor.steps_done)
                 if writer:
                     writer.write([self.ended])
+            if sampler is not None:
+                sampler.stop()
             supervisor.teardown()
             if writer:
                 writer.close()
