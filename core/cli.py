@@ -215,10 +215,16 @@ def _si(x: float) -> str:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from .estimate import estimate
+    from .estimate import EstimateError, estimate
 
     cfg = load_config(args)
-    result = estimate(cfg, method=args.method)
+    try:
+        result = estimate(cfg, method=args.method)
+    except ConfigError as e:
+        raise BadInput(str(e)) from None
+    except EstimateError as e:  # --method trace alone, and the trace could not run
+        print(f"paralab: {e}", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
