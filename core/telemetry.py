@@ -55,13 +55,13 @@ class Sampler(threading.Thread):
         self.interval_s, self.world = interval_s, world
         self.queue: queue.SimpleQueue[UtilizationSample] = queue.SimpleQueue()
         self.busy = BusyMeter(WINDOW_S)
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._processes: dict[int, Any] = {}
 
     # ---- the thread ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._halt.wait(self.interval_s):
             try:
                 for sample in self.sample():
                     self.queue.put(sample)
@@ -69,7 +69,9 @@ class Sampler(threading.Thread):
                 continue
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=2.0)
 
     def sample(self) -> list[UtilizationSample]:
         now = perf_counter() - self.t0
