@@ -1,0 +1,472 @@
+"""Dashboard: the live view of a run — gauges, plots and the phase timeline.
+
+Built once and reused by every run: `bind` a RunData, `start` the timer.  Events land
+in RunData (on the GUI thread, as they arrive); a single QTimer at ≤ 30 Hz pulls from
+it, and only when its `version` moved, so the drawing rate never depends on the data
+rate.  Curves are made once per device slot and only ever get `setData` (pyqtgraph
+#2665, #2672: plot items leak when re-created); peak downsampling, clip-to-view and
+views that are refitted only when the data leaves them keep 100 000-point curves cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+import pyqtgraph.functions as fn
+from PySide6.QtCore import QEvent, QRectF, Qt, QTimer
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QGraphicsItem,
+    QHBoxLayout,
+    QLabel,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.events import CATEGORIES
+from .buffers import MIB, RunData
+from .device_view import DeviceView
+from .style import (
+    CAPACITY_COLOR,
+    CATEGORY_COLORS,
+    PREDICTION_COLOR,
+    device_color,
+    legend_html,
+)
+from .timeline import Timeline
+
+MAX_FPS = 30
+MEMORY_COLUMNS = 4
+LEFT_AXIS_PX = 56
+UTIL_SOURCES = {"nvml": "NVML: a kernel ran", "spans": "share of step computing", "cpu": "rank CPU"}
+EMPTY = np.empty(0)
+
+
+def _setup_plot(plot: pg.PlotItem, title: str, x_label: str) -> None:
+    # No grid: pyqtgraph draws it as part of the axes, which then repaint with every curve.
+    plot.setTitle(title, size="9pt")
+    plot.setLabel("bottom", x_label)
+    plot.setClipToView(True)
+    plot.setDownsampling(auto=True, mode="peak")
+    for name in ("left", "bottom"):
+        # A changing curve exposes the axes next to it; from a pixmap cache they repaint
+        # as a copy instead of replaying every tick label (a third of a frame otherwise).
+        plot.getAxis(name).setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
+    # A fixed width: an axis that widens with its labels re-lays out every plot of the grid.
+    plot.getAxis("left").setWidth(LEFT_AXIS_PX)
+
+
+def _curve(plot: pg.PlotItem, color: str | None, **opts) -> pg.PlotDataItem:
+    # connect='all' + skipFiniteCheck: no per-frame scan for NaN (the data has none).
+    # Peak downsampling to one bin per pixel (pyqtgraph's default is five): each pixel
+    # column still gets its min and max, so the picture is the same at a fifth of the work.
+    # No dynamicRangeLimit: it scans all the data for its bounds on every frame, and the
+    # views here are fitted to the data anyway.
+    pen = pg.mkPen(color, width=1) if color else None
+    item = pg.PlotDataItem(pen=pen, connect="all", skipFiniteCheck=True, clipToView=True,
+                           autoDownsample=True, downsampleMethod="peak", autoDownsampleFactor=1.0,
+                           dynamicRangeLimit=None, **opts)
+    plot.addItem(item)
+    return item
+
+
+class Follow:
+    """Keeps a plot's view on its data without re-ranging it every frame.
+
+    pyqtgraph's auto-range moves the view with every new point, and each move makes the
+    axes lay out and paint their ticks again: in a live run that was most of the GUI
+    thread's time.  Here an axis is refitted only when the data leaves it or fills less
+    than 40 % of it; x then gets room to grow to 1.5 times the data's span and y 10 %
+    margins, so a run's first minutes cost a dozen refits, not one per frame.
+    Zooming or panning by hand stops the following; the plot's "A" button resumes it."""
+
+    GROW = 1.5
+    FILL = 0.4
+
+    def __init__(self, plot: pg.PlotItem, y_fixed: tuple[float, float] | None = None) -> None:
+        self.vb = plot.getViewBox()
+        self.vb.disableAutoRange()
+        self.y_fixed = y_fixed
+        self.on = True
+        self.x: tuple[float, float] | None = None
+        self.y: tuple[float, float] | None = None
+        self._last: tuple[float, float, float, float] | None = None
+        self.vb.sigRangeChangedManually.connect(self._manual)
+        plot.autoBtn.clicked.connect(self._resume)
+
+    def _manual(self, *_) -> None:
+        self.on = False
+
+    def _resume(self) -> None:
+        self.vb.disableAutoRange()  # the button turned pyqtgraph's on; we follow instead
+        self.on, self.x, self.y = True, None, None
+        if self._last:
+            self.fit(*self._last)
+
+    def reset(self) -> None:
+        self.on, self.x, self.y, self._last = True, None, None, None
+
+    @classmethod
+    def _holds(cls, view: tuple[float, float] | None, lo: float, hi: float) -> bool:
+        return (view is not None and view[0] <= lo and hi <= view[1]
+                and hi - lo >= cls.FILL * (view[1] - view[0]))
+
+    def fit(self, x0: float, x1: float, y0: float, y1: float) -> None:
+        if not all(math.isfinite(v) for v in (x0, x1, y0, y1)):
+            return
+        if self.y_fixed:
+            y0, y1 = self.y_fixed
+        self._last = (x0, x1, y0, y1)
+        if not self.on:
+            return
+        change = {}
+        if not self._holds(self.x, x0, x1):
+            self.x = (x0, x0 + self.GROW * ((x1 - x0) or 1.0))
+            change["xRange"] = self.x
+        if not self._holds(self.y, y0, y1):
+            pad = 0.0 if self.y_fixed else 0.1 * ((y1 - y0) or abs(y1) or 1.0)
+            self.y = (y0 if y0 == 0 else y0 - pad, y1 + pad)
+            change["yRange"] = self.y
+        if change:
+            self.vb.setRange(padding=0, **change)
+
+
+class StackedArea(pg.GraphicsObject):
+    """Stacked areas (one per category) as one item, drawn as one polygon per band.
+
+    pyqtgraph fills under a curve in 50-point chunks, one fillPath each: with five
+    filled curves per device that was most of a frame.  This item does the same steps
+    a PlotDataItem does with clip-to-view and peak downsampling — keep the points in
+    view, reduce them to one bin per pixel column holding the bin's peak — for all
+    bands at once, then fills each band with a single drawPolygon."""
+
+    def __init__(self, colors: list[str]) -> None:
+        super().__init__()
+        self.brushes = [pg.mkBrush(c) for c in colors]
+        self.x = EMPTY
+        self.tops = np.empty((len(colors), 0))
+        self._polygons: list | None = None
+        self._bounds = QRectF()
+        self.top = 0.0
+
+    def setData(self, x: np.ndarray, tops: np.ndarray) -> None:  # noqa: N802 (pyqtgraph's name)
+        """x (n,) increasing; tops (bands, n): running sums, smallest first."""
+        self.prepareGeometryChange()
+        self.x, self.tops = x, tops
+        self._polygons = None
+        self.top = float(tops[-1].max()) if len(x) else 0.0
+        self._bounds = QRectF(float(x[0]), 0.0, float(x[-1] - x[0]), self.top) if len(x) else QRectF()
+        self.informViewBoundsChanged()
+        self.update()
+
+    def viewRangeChanged(self) -> None:  # noqa: N802
+        self._polygons = None  # other points are in view, at another bin width
+        self.update()
+
+    def boundingRect(self) -> QRectF:  # noqa: N802
+        return self._bounds
+
+    def dataBounds(self, axis: int, frac: float = 1.0, orthoRange=None):  # noqa: N802
+        if not len(self.x):
+            return None
+        r = self._bounds
+        return (r.left(), r.right()) if axis == 0 else (0.0, r.bottom())
+
+    def _build(self) -> list:
+        x, tops = self.x, self.tops
+        view = self.getViewBox()
+        if view is not None and len(x) > 2:
+            left, right = view.viewRange()[0]
+            i0 = max(int(np.searchsorted(x, left)) - 1, 0)
+            i1 = min(int(np.searchsorted(x, right)) + 1, len(x))
+            x, tops = x[i0:i1], tops[:, i0:i1]
+            bins = max(int(view.width()), 1)
+            per_bin = len(x) // bins
+            if per_bin > 1:
+                n = len(x) // per_bin * per_bin
+                x = x[:n:per_bin]
+                tops = tops[:, :n].reshape(len(tops), -1, per_bin).max(axis=2)
+        if len(x) < 2:
+            return []
+        polygons = []
+        xs = np.concatenate([x, x[-1:], x[:1]])
+        for top in tops:
+            poly = fn.create_qpolygonf(len(xs))
+            arr = fn.ndarray_from_qpolygonf(poly)
+            arr[:, 0] = xs
+            arr[:-2, 1] = top
+            arr[-2:, 1] = 0.0
+            polygons.append(poly)
+        return polygons
+
+    def paint(self, p, *args) -> None:
+        if self._polygons is None:
+            self._polygons = self._build()
+        p.setPen(Qt.PenStyle.NoPen)
+        for k in range(len(self._polygons) - 1, -1, -1):  # the largest sum at the back
+            p.setBrush(self.brushes[k])
+            p.drawPolygon(self._polygons[k])
+
+
+class MemoryPlot:
+    """One device's memory over time: the categories stacked, the capacity line and
+    the predicted peak as a dashed line."""
+
+    def __init__(self, plot: pg.PlotItem) -> None:
+        self.plot = plot
+        _setup_plot(plot, "", "s")
+        plot.setLabel("left", "MiB")
+        self.follow = Follow(plot)
+        self.area = StackedArea([CATEGORY_COLORS[c] for c in CATEGORIES])
+        plot.addItem(self.area)
+        self.capacity = pg.InfiniteLine(angle=0, pen=pg.mkPen(CAPACITY_COLOR, width=1))
+        self.predicted = pg.InfiniteLine(angle=0, pen=pg.mkPen(PREDICTION_COLOR, width=1, style=Qt.PenStyle.DashLine))
+        plot.addItem(self.capacity)
+        plot.addItem(self.predicted)
+        self.capacity.hide()
+        self.predicted.hide()
+        self.peak_mib: float | None = None
+
+    def set_prediction(self, peak_bytes: int | None) -> None:
+        self.peak_mib = None if peak_bytes is None else peak_bytes / MIB
+        self.predicted.setVisible(peak_bytes is not None)
+        if peak_bytes is not None:
+            self.predicted.setPos(self.peak_mib)
+
+    def draw(self, t: np.ndarray, tops: np.ndarray, capacity_bytes: int) -> None:
+        self.area.setData(t, tops)
+        if capacity_bytes:
+            self.capacity.setPos(capacity_bytes / MIB)
+            self.capacity.show()
+        if len(t):
+            # The view holds the curves and the prediction they are compared with; the
+            # capacity shows when near (it is often far above, and would squash them).
+            self.follow.fit(float(t[0]), float(t[-1]), 0.0, max(self.area.top, self.peak_mib or 0.0))
+
+    def clear(self) -> None:
+        self.area.setData(EMPTY, np.empty((len(CATEGORIES), 0)))
+        self.capacity.hide()
+        self.follow.reset()
+
+
+class Dashboard(QWidget):
+    """Gauges, loss, throughput, utilization, memory per device, timeline."""
+
+    def __init__(self, parent: QWidget | None = None, fps: int = MAX_FPS) -> None:
+        super().__init__(parent)
+        self.data: RunData | None = None
+        self._prediction: dict[int, dict] = {}
+        self._seen: dict[str, int] = {}
+        self._n = -1
+
+        self.devices = DeviceView()
+        self.timeline = Timeline()
+        self.plots = pg.GraphicsLayoutWidget()
+        self.loss_plot = self.plots.addPlot(row=0, col=0)
+        _setup_plot(self.loss_plot, "loss", "step")
+        self.loss_curve = _curve(self.loss_plot, device_color(0))
+        self.rate_plot = self.plots.addPlot(row=0, col=1)
+        _setup_plot(self.rate_plot, "throughput (samples/s)", "s")
+        self.rate_curve = _curve(self.rate_plot, device_color(1))
+        self.util_plot = self.plots.addPlot(row=0, col=2)
+        _setup_plot(self.util_plot, "utilization %", "s")
+        self.util_curves: list[pg.PlotDataItem] = []
+        self.mem_layout = self.plots.addLayout(row=1, col=0, colspan=3)
+        self.mem_plots: list[MemoryPlot] = []
+        self._follow = {"loss": Follow(self.loss_plot), "rate": Follow(self.rate_plot),
+                        "util": Follow(self.util_plot, y_fixed=(0.0, 100.0))}
+        self._util_title = ""
+
+        self.log_loss = QCheckBox("log-scale loss")
+        self.log_loss.toggled.connect(self.set_log_loss)
+        self.status = QLabel("")
+        top = QHBoxLayout()
+        top.addWidget(self.status, 1)
+        top.addWidget(QLabel(legend_html(CATEGORY_COLORS)))
+        top.addWidget(self.log_loss)
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(self.devices)
+        split.addWidget(self.plots)
+        split.addWidget(self.timeline)
+        split.setStretchFactor(0, 2)
+        split.setStretchFactor(1, 6)
+        split.setStretchFactor(2, 2)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addLayout(top)
+        layout.addWidget(split, 1)
+
+        self.timer = QTimer(self)
+        self.timer.setInterval(max(1000 // max(1, min(fps, MAX_FPS)), 34))
+        self.timer.timeout.connect(self.refresh)
+        self._apply_palette()
+
+    # ---- the interface the app uses -------------------------------------------------------------
+
+    def bind(self, data: RunData) -> None:
+        self.data = data
+        self._seen = {}
+
+    def set_prediction(self, pred: dict[int, dict] | None) -> None:
+        """device -> {"peak_bytes": int, "bytes": {category: int}} from core.estimate."""
+        self._prediction = {int(k): v for k, v in (pred or {}).items()}
+        for i, mp in enumerate(self.mem_plots):
+            mp.set_prediction(self._peak(i))
+        self.devices.set_prediction(self._prediction)
+
+    def start(self) -> None:
+        self.timer.start()
+
+    def stop(self) -> None:
+        self.timer.stop()
+        self.refresh()  # whatever arrived since the last tick
+
+    def clear(self) -> None:
+        """Empty every view (the bound RunData is kept; its next change redraws)."""
+        for curve in (self.loss_curve, self.rate_curve, *self.util_curves):
+            curve.setData(EMPTY, EMPTY)
+        for mp in self.mem_plots:
+            mp.clear()
+        for follow in self._follow.values():
+            follow.reset()
+        self.devices.clear()
+        self.timeline.clear()
+        self.status.setText("")
+        self._seen = {}
+
+    def export_png(self, path: str | Path) -> Path:
+        """Save what the dashboard shows as a PNG; OSError if it cannot be written."""
+        path = Path(path)
+        self.refresh()
+        if not self.grab().save(str(path), "PNG"):
+            raise OSError(f"could not write a PNG to {path}")
+        return path
+
+    def set_log_loss(self, on: bool) -> None:
+        on = bool(on)
+        if self.log_loss.isChecked() != on:
+            self.log_loss.setChecked(on)  # calls back here through toggled
+            return
+        self.loss_plot.setLogMode(y=on)
+        self._follow["loss"].reset()
+        self._seen.pop("steps", None)
+        self._seen.pop("all", None)
+        self.refresh()
+
+    # ---- drawing --------------------------------------------------------------------------------
+
+    def _changed(self, key: str, version: int) -> bool:
+        if self._seen.get(key) == version:
+            return False
+        self._seen[key] = version
+        return True
+
+    def refresh(self) -> bool:
+        """Pull from RunData and setData what changed; False when nothing did."""
+        data = self.data
+        if data is None or not self._changed("all", data.version):
+            return False
+        if len(data.devices) != self._n:
+            self._layout(data)
+        if self._changed("steps", data.steps_version):
+            self._draw_steps(data)
+        if self._changed("memory", data.memory_version):
+            for d, mp in zip(data.devices, self.mem_plots):
+                mp.draw(d.memory.column(0), d.memory.columns(1, 1 + len(CATEGORIES)), d.capacity_bytes)
+        if self._changed("util", data.util_version):
+            self._draw_util(data)
+        self.devices.refresh(data)
+        self.timeline.refresh(data)
+        return True
+
+    def _draw_steps(self, data: RunData) -> None:
+        s = data.steps
+        step, t, loss, rate = s.column(0), s.column(1), s.column(2), s.column(3)
+        log = self.log_loss.isChecked()
+        # Non-finite losses (a diverged run), or the log of a zero loss, need the NaN-aware path.
+        finite = data.loss_finite and not log
+        self.loss_curve.setData(step, loss, connect="all" if finite else "finite", skipFiniteCheck=finite)
+        self.rate_curve.setData(t, rate)
+        if len(step):
+            shown = loss[np.isfinite(loss) & (loss > 0)] if log else loss[np.isfinite(loss)]
+            if len(shown):
+                lo, hi = float(shown.min()), float(shown.max())
+                if log:
+                    lo, hi = math.log10(lo), math.log10(hi)
+                self._follow["loss"].fit(float(step[0]), float(step[-1]), lo, hi)
+            self._follow["rate"].fit(float(t[0]), float(t[-1]), 0.0, float(rate.max()))
+        last = data.last_step
+        if last is not None:
+            every = f" (each point: mean of {s.stride} steps)" if s.stride > 1 else ""
+            self.status.setText(f"step {last.step} · loss {last.loss:.4g} · "
+                                f"{last.samples_per_s:,.0f} samples/s · lr {last.lr:g}{every}")
+
+    def _draw_util(self, data: RunData) -> None:
+        t0, t1 = math.inf, -math.inf
+        for d, curve in zip(data.devices, self.util_curves):
+            t = d.utilization.column(0)
+            curve.setData(t, d.utilization.column(1))
+            if len(t):
+                t0, t1 = min(t0, float(t[0])), max(t1, float(t[-1]))
+        self._follow["util"].fit(t0, t1, 0.0, 100.0)
+        # Samples without a value (nothing sampled yet, no NVML) leave a gap in the curve.
+        sources = sorted({UTIL_SOURCES.get(d.util_source, d.util_source) for d in data.devices if d.util_source})
+        title = "utilization %" + (f" ({', '.join(sources)})" if sources else "")
+        if title != self._util_title:  # a title change re-lays out the plot: only when needed
+            self._util_title = title
+            self.util_plot.setTitle(title, size="9pt")
+
+    def _layout(self, data: RunData) -> None:
+        """Show one memory plot and one utilization curve per device; slots are made
+        once and kept for later runs (hidden when a run has fewer devices)."""
+        n = self._n = len(data.devices)
+        grew = len(self.mem_plots) < n
+        while len(self.mem_plots) < n:
+            self.mem_plots.append(MemoryPlot(pg.PlotItem()))
+        while len(self.util_curves) < n:
+            self.util_curves.append(_curve(self.util_plot, device_color(len(self.util_curves))))
+        for mp in self.mem_plots:
+            if mp.plot.scene() is not None:
+                self.mem_layout.removeItem(mp.plot)
+        for i, mp in enumerate(self.mem_plots):
+            mp.clear()
+            if i < n:
+                mp.plot.setTitle(data.devices[i].label, size="9pt")
+                mp.set_prediction(self._peak(i))
+                self.mem_layout.addItem(mp.plot, row=i // MEMORY_COLUMNS, col=i % MEMORY_COLUMNS)
+            mp.plot.setVisible(i < n)
+        for i, curve in enumerate(self.util_curves):
+            curve.setVisible(i < n)
+        if grew:
+            self._apply_palette()
+
+    def _peak(self, device: int) -> int | None:
+        entry = self._prediction.get(device)
+        return int(entry["peak_bytes"]) if entry and "peak_bytes" in entry else None
+
+    # ---- theme ----------------------------------------------------------------------------------
+
+    def changeEvent(self, event: QEvent) -> None:  # noqa: N802 (Qt's name)
+        if event.type() in (QEvent.Type.PaletteChange, QEvent.Type.StyleChange):
+            self._apply_palette()
+        super().changeEvent(event)
+
+    def _apply_palette(self) -> None:
+        # Plots follow the Qt palette, so the app's light and dark themes both apply.
+        pal = self.palette()
+        bg, fg = pal.color(pal.ColorRole.Base), pal.color(pal.ColorRole.Text)
+        self.plots.setBackground(bg)
+        self.timeline.plot.setBackground(bg)
+        self.timeline.set_text_color(fg)
+        plots = [self.loss_plot, self.rate_plot, self.util_plot, self.timeline.plot.getPlotItem(),
+                 *(mp.plot for mp in self.mem_plots)]
+        for plot in plots:
+            for name in ("left", "bottom"):
+                axis = plot.getAxis(name)
+                axis.setPen(fg)
+                axis.setTextPen(fg)
+            plot.titleLabel.setText(plot.titleLabel.text, color=fg.name())

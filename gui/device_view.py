@@ -1,0 +1,183 @@
+"""DeviceView: one memory gauge per device, the way a person reads a fuel tank.
+
+A gauge is a bar that fills from the bottom with the device's bytes by category, in
+the shared category colours.  The red line is the capacity; the bar's scale grows past
+it when a prediction or a measurement goes over, so "will not fit" is visible before
+Start.  A thin line marks the measured peak, a purple dashed line with a triangle the
+predicted peak.  An out-of-memory turns the gauge red and names the category that
+overflowed.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QPointF, QRectF, QSize, Qt
+from PySide6.QtGui import QBrush, QColor, QPainter, QPen, QPolygonF
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
+
+from ..core.config import human_bytes
+from ..core.events import CATEGORIES
+from .buffers import RunData
+from .style import CAPACITY_COLOR, CATEGORY_COLORS, OOM_COLOR, PREDICTION_COLOR, legend_html, qcolor
+
+
+class Gauge(QWidget):
+    """The memory of one device, painted by hand (no child widgets, cheap to repaint)."""
+
+    BAR_W = 34
+    TEXT_H = 48
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.label = ""
+        self.capacity = 0
+        self.bytes: dict[str, int] = {}
+        self.peak = 0
+        self.predicted: int | None = None
+        self.oom: str | None = None
+        """None: fine; otherwise the text naming what overflowed."""
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
+        self.setMinimumSize(92, 120)
+        self.setMaximumWidth(170)
+
+    def sizeHint(self) -> QSize:
+        return QSize(110, 190)
+
+    @property
+    def used(self) -> int:
+        return sum(self.bytes.values())
+
+    def set_state(self, label: str, capacity: int, bytes_: dict[str, int], peak: int,
+                  oom: str | None) -> None:
+        self.label, self.capacity, self.bytes, self.peak, self.oom = label, capacity, dict(bytes_), peak, oom
+        self._update_tooltip()
+        self.update()
+
+    def set_predicted(self, peak: int | None) -> None:
+        self.predicted = peak
+        self._update_tooltip()
+        self.update()
+
+    def _update_tooltip(self) -> None:
+        lines = [f"<b>{self.label}</b>"]
+        lines += [f'<span style="color:{CATEGORY_COLORS[c]}">&#9632;</span> {c}: {human_bytes(self.bytes.get(c, 0))}'
+                  for c in CATEGORIES]
+        lines.append(f"peak {human_bytes(self.peak)} of {human_bytes(self.capacity)}")
+        if self.predicted is not None:
+            lines.append(f"predicted peak {human_bytes(self.predicted)}")
+        if self.oom:
+            lines.append(f'<span style="color:{OOM_COLOR}">{self.oom}</span>')
+        self.setToolTip("<br>".join(lines))
+
+    def paintEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        p = QPainter(self)
+        pal = self.palette()
+        text = pal.windowText().color()
+        w, h = self.width(), self.height()
+        if self.oom:
+            p.fillRect(self.rect(), qcolor(OOM_COLOR, 40))
+            p.setPen(QPen(QColor(OOM_COLOR), 2))
+            p.drawRect(self.rect().adjusted(1, 1, -1, -1))
+        bar = QRectF((w - self.BAR_W) / 2, 8, self.BAR_W, max(10, h - 16 - self.TEXT_H))
+        scale = max(self.capacity, self.used, self.peak, self.predicted or 0, 1)
+
+        def y_of(n: float) -> float:
+            return bar.bottom() - bar.height() * min(n / scale, 1.0)
+
+        p.fillRect(bar, qcolor(text.name(), 18))
+        bottom = 0
+        for c in CATEGORIES:  # stacked from the bottom, in the legend's order
+            n = self.bytes.get(c, 0)
+            if n > 0:
+                top = bottom + n
+                p.fillRect(QRectF(bar.left(), y_of(top), bar.width(), y_of(bottom) - y_of(top)),
+                           QColor(CATEGORY_COLORS[c]))
+                bottom = top
+        p.setPen(QPen(qcolor(text.name(), 120), 1))
+        p.setBrush(Qt.BrushStyle.NoBrush)
+        p.drawRect(bar)
+        if self.capacity:
+            p.setPen(QPen(QColor(CAPACITY_COLOR), 2))
+            y = y_of(self.capacity)
+            p.drawLine(QPointF(bar.left() - 6, y), QPointF(bar.right() + 6, y))
+        if self.peak:
+            p.setPen(QPen(text, 1))
+            y = y_of(self.peak)
+            p.drawLine(QPointF(bar.left() - 3, y), QPointF(bar.right() + 3, y))
+        if self.predicted is not None:
+            pen = QPen(QColor(PREDICTION_COLOR), 2)
+            pen.setStyle(Qt.PenStyle.DashLine)
+            p.setPen(pen)
+            y = y_of(self.predicted)
+            p.drawLine(QPointF(bar.left(), y), QPointF(bar.right(), y))
+            p.setPen(Qt.PenStyle.NoPen)
+            p.setBrush(QBrush(QColor(PREDICTION_COLOR)))
+            x = bar.right() + 2
+            p.drawPolygon(QPolygonF([QPointF(x, y), QPointF(x + 8, y - 5), QPointF(x + 8, y + 5)]))
+        lines = [self.label, f"{human_bytes(self.used)} / {human_bytes(self.capacity)}"]
+        if self.oom:
+            lines.append(self.oom)
+        p.setPen(QColor(OOM_COLOR) if self.oom else text)
+        p.drawText(QRectF(2, bar.bottom() + 4, w - 4, self.TEXT_H),
+                   Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop | Qt.TextFlag.TextWordWrap,
+                   "\n".join(lines))
+        p.end()
+
+
+class DeviceView(QWidget):
+    """A row of gauges, one per device of the bound run, with the category legend."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.gauges: list[Gauge] = []
+        self._row = QHBoxLayout()
+        self._row.setSpacing(4)
+        self._row.addStretch(1)
+        legend = QLabel(legend_html(CATEGORY_COLORS) + f' &nbsp; <span style="color:{CAPACITY_COLOR}">'
+                        f'&#9644;</span> capacity &nbsp; <span style="color:{PREDICTION_COLOR}">&#9664;</span> predicted')
+        legend.setWordWrap(True)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(self._row, 1)
+        layout.addWidget(legend)
+        self._prediction: dict[int, dict] = {}
+        self._seen = (-1, -1)
+
+    def _ensure(self, n: int) -> None:
+        # Gauges are made once per device slot and reused by later runs.
+        while len(self.gauges) < n:
+            g = Gauge(self)
+            self._row.insertWidget(len(self.gauges), g)  # before the trailing stretch
+            self.gauges.append(g)
+        for i, g in enumerate(self.gauges):
+            g.setVisible(i < n)
+
+    def refresh(self, data: RunData, force: bool = False) -> bool:
+        """Take the latest memory and end state from data; False when nothing changed."""
+        seen = (data.memory_version, data.end_version)
+        if seen == self._seen and not force:
+            return False
+        self._seen = seen
+        self._ensure(len(data.devices))
+        overflow = data.overflow()
+        for i, d in enumerate(data.devices):
+            oom = None
+            if overflow and overflow[0] == i:
+                oom = f"out of memory: {overflow[1]}" if overflow[1] else "out of memory"
+            g = self.gauges[i]
+            g.set_state(d.label, d.capacity_bytes, d.last.bytes if d.last else {}, d.peak_bytes, oom)
+            g.set_predicted(self._predicted(i))
+        return True
+
+    def set_prediction(self, pred: dict[int, dict] | None) -> None:
+        self._prediction = dict(pred or {})
+        for i, g in enumerate(self.gauges):
+            g.set_predicted(self._predicted(i))
+
+    def _predicted(self, device: int) -> int | None:
+        entry = self._prediction.get(device)
+        return int(entry["peak_bytes"]) if entry and "peak_bytes" in entry else None
+
+    def clear(self) -> None:
+        for g in self.gauges:
+            g.set_state(g.label, g.capacity, {}, 0, None)
+        self._seen = (-1, -1)

@@ -1,0 +1,53 @@
+"""Colours shared by every live view, so a category or a phase looks the same everywhere.
+
+The palette is Okabe–Ito (colour-blind safe) at mid lightness: each colour keeps its
+contrast on a white and on a near-black background, so the light and the dark theme
+share it.  Text colours are not set here: widgets take them from the Qt palette.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtGui import QColor, QPalette
+
+from ..core.events import CATEGORIES, PHASES
+
+CATEGORY_COLORS: dict[str, str] = {
+    "params": "#0072B2",       # blue: the weights themselves
+    "grads": "#E69F00",        # orange
+    "optimizer": "#009E73",    # green: Adam's moments and friends
+    "activations": "#CC79A7",  # purple: what forward keeps for backward
+    "other": "#8C8C8C",        # grey: batch, outputs, loss, allocator slack
+}
+PHASE_COLORS: dict[str, str] = {
+    "forward": "#56B4E9",        # light blue
+    "backward": "#D55E00",       # vermilion
+    "optimizer": "#009E73",      # green, as the optimizer's memory
+    "communication": "#E6C700",  # yellow
+    "idle": "#9A9A9A",           # grey: the bubble
+}
+DEVICE_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#8C6D31", "#7F7F7F")
+CAPACITY_COLOR = "#D62728"     # the line a device must stay under
+PREDICTION_COLOR = "#8E44AD"   # the estimate drawn before the run
+OOM_COLOR = "#D62728"
+
+assert set(CATEGORY_COLORS) == set(CATEGORIES) and set(PHASE_COLORS) == set(PHASES)
+
+
+def device_color(index: int) -> str:
+    return DEVICE_COLORS[index % len(DEVICE_COLORS)]
+
+
+def qcolor(hex_color: str, alpha: int = 255) -> QColor:
+    c = QColor(hex_color)
+    c.setAlpha(alpha)
+    return c
+
+
+def is_dark(palette: QPalette) -> bool:
+    return palette.color(QPalette.ColorRole.Window).lightness() < 128
+
+
+def legend_html(colors: dict[str, str]) -> str:
+    """A one-line legend for a QLabel: a coloured square before each name."""
+    return " &nbsp; ".join(f'<span style="color:{c}">&#9632;</span> {name}' for name, c in colors.items())
+
