@@ -24,7 +24,7 @@ class Gauge(QWidget):
     """The memory of one device, painted by hand (no child widgets, cheap to repaint)."""
 
     BAR_W = 34
-    TEXT_H = 48
+    TEXT_H = 62  # label, used / capacity, and the out-of-memory line, wrapped
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -36,11 +36,11 @@ class Gauge(QWidget):
         self.oom: str | None = None
         """None: fine; otherwise the text naming what overflowed."""
         self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
-        self.setMinimumSize(92, 120)
-        self.setMaximumWidth(170)
+        self.setMinimumSize(128, 140)
+        self.setMaximumWidth(180)
 
     def sizeHint(self) -> QSize:
-        return QSize(110, 190)
+        return QSize(140, 200)
 
     @property
     def used(self) -> int:
@@ -141,6 +141,7 @@ class DeviceView(QWidget):
         layout.addWidget(legend)
         self._prediction: dict[int, dict] = {}
         self._seen = (-1, -1)
+        self._run_devices = 0
 
     def _ensure(self, n: int) -> None:
         # Gauges are made once per device slot and reused by later runs.
@@ -157,6 +158,10 @@ class DeviceView(QWidget):
         if seen == self._seen and not force:
             return False
         self._seen = seen
+        self._run_devices = len(data.devices)
+        if not data.devices and self._prediction:
+            self._show_prediction_only()
+            return True
         self._ensure(len(data.devices))
         overflow = data.overflow()
         for i, d in enumerate(data.devices):
@@ -169,9 +174,23 @@ class DeviceView(QWidget):
         return True
 
     def set_prediction(self, pred: dict[int, dict] | None) -> None:
-        self._prediction = dict(pred or {})
+        """device -> {"peak_bytes", "bytes"[, "label", "capacity_bytes"]} from core.estimate."""
+        self._prediction = {int(k): v for k, v in (pred or {}).items()}
+        if not self._run_devices and self._prediction:
+            self._show_prediction_only()
         for i, g in enumerate(self.gauges):
             g.set_predicted(self._predicted(i))
+
+    def _show_prediction_only(self) -> None:
+        # Before any run: empty gauges with the predicted peak, so "will not fit" shows
+        # before Start (label and capacity when the estimate gives them).
+        n = max(self._prediction) + 1
+        self._ensure(n)
+        for i in range(n):
+            entry = self._prediction.get(i, {})
+            self.gauges[i].set_state(str(entry.get("label", f"device {i}")), int(entry.get("capacity_bytes", 0)),
+                                     {}, 0, None)
+            self.gauges[i].set_predicted(self._predicted(i))
 
     def _predicted(self, device: int) -> int | None:
         entry = self._prediction.get(device)
