@@ -230,6 +230,18 @@ def _no_step(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _this_thread(patched: Any, original: Any) -> Any:
+    """`patched` for the thread that traces, `original` for any other (a GUI traces in
+    a background thread while its other threads go on)."""
+    me = threading.get_ident()
+
+    @functools.wraps(original, updated=())
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return (patched if threading.get_ident() == me else original)(*args, **kwargs)
+
+    return call
+
+
 @contextlib.contextmanager
 def _fake_tensors() -> Iterator[None]:
     """FakeTensorMode, and what it takes for a trace to count what a run counts:
@@ -278,8 +290,8 @@ def _fake_tensors() -> Iterator[None]:
                (F, "mse_loss", mse_loss), (data, "_markov_tokens", tokens)]
     originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:
-        for obj, name, value in patches:
-            setattr(obj, name, value)
+        for (obj, name, value), (_, _, original) in zip(patches, originals):
+            setattr(obj, name, _this_thread(value, original))
         with warnings.catch_warnings(), mode:
             warnings.simplefilter("ignore")
             yield
@@ -305,7 +317,7 @@ def _stand_ins(module: Any) -> Iterator[None]:
     swaps = {DistributedDataParallel: _TracedDDP, init_device_mesh: real_mesh}
     names = {n: v for n, v in vars(module).items() if any(v is k for k in swaps)}
     for n, v in names.items():
-        setattr(module, n, next(new for old, new in swaps.items() if old is v))
+        setattr(module, n, _this_thread(next(new for old, new in swaps.items() if old is v), v))
     try:
         with _pipeline_vote():
             yield
@@ -339,7 +351,8 @@ def _pipeline_vote() -> Iterator[None]:
         return received_result if received_result is not None else forward_vote(stage, True)
 
     originals = [getattr(PipelineStage, m) for m in methods]
-    PipelineStage._warmup_forward_vote, PipelineStage._warmup_backward_result = forward_vote, backward_result
+    PipelineStage._warmup_forward_vote = _this_thread(forward_vote, originals[0])
+    PipelineStage._warmup_backward_result = _this_thread(backward_result, originals[1])
     try:
         yield
     finally:
@@ -482,6 +495,8 @@ class Shapes:
     """Per layer: whether the layer itself saves its output (a closing ReLU does)."""
     fixed: float = 0.0
     """Saved bytes that do not grow with the batch (the transformer's positions)."""
+    loss: float = 0.0
+    """Of `saved` on the last layer, per sample: what the loss keeps (output and target)."""
 
 
 def shapes(cfg: RunConfig) -> Shapes:
@@ -494,7 +509,7 @@ def shapes(cfg: RunConfig) -> Shapes:
         saved = [(d_in + w) * FLOAT for w in widths]
         saved[-1] = (d_in if n == 1 else 0) * FLOAT + 2 * FLOAT  # the loss keeps output and target
         return Shapes(params, saved, [w * FLOAT for w in widths], (d_in + 1) * FLOAT, FLOAT, 0.0,
-                      (False,) if n == 1 else (True, True, False))
+                      (False,) if n == 1 else (True, True, False), loss=2 * FLOAT)
     if m.kind == "mlp":
         w = m.width
         # First layer: input and ReLU output; a block: its ReLU output (2w) and its own
@@ -502,7 +517,7 @@ def shapes(cfg: RunConfig) -> Shapes:
         saved = [(m.in_features + w) * FLOAT] + [3 * w * FLOAT] * m.depth + [2 * m.out_features * FLOAT]
         out = [w * FLOAT] * (n - 1) + [m.out_features * FLOAT]
         return Shapes(params, saved, out, (m.in_features + m.out_features) * FLOAT, m.out_features * FLOAT,
-                      m.depth * 2 * w * FLOAT, (True,) + (False,) * (n - 1))
+                      m.depth * 2 * w * FLOAT, (True,) + (False,) * (n - 1), loss=2 * m.out_features * FLOAT)
     d, t, v, h = m.width, m.seq_len, m.vocab, m.heads
     # A block saves per token: 2 norm outputs, q k v, attention output, the residual, the
     # 4d up-projection and its gelu, its own output (16 d); norm statistics (4) and
@@ -513,7 +528,7 @@ def shapes(cfg: RunConfig) -> Shapes:
     saved = [embed] + [block] * m.depth + [head]
     out = [t * d * FLOAT] * (n - 1) + [t * v * FLOAT]
     return Shapes(params, saved, out, 2 * t * LONG, t * v * FLOAT, m.depth * t * (12 * d + h) * FLOAT,
-                  (False,) * n, fixed=t * LONG + FLOAT)
+                  (False,) * n, fixed=t * LONG + FLOAT, loss=t * (v * FLOAT + LONG))
 
 
 def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
@@ -561,7 +576,9 @@ def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
         gather = B * sh.out[-1]
         out = [device(total, chunk[0], other=(B - chunk[0]) * sh.io + gather + B * sh.unsaved)]
         for k in range(1, n):
-            fwd = device(total, chunk[k], grads=0, other=chunk[k] * sh.out[-1])
+            # The loss is taken on device 0: what it saves is not here, the output is.
+            fwd = device(total, chunk[k], grads=0, other=chunk[k] * sh.out[-1],
+                         acts=chunk[k] * (sum(sh.saved) - sh.loss))
             fwd["optimizer"] = 0
             bwd = {**fwd, "grads": total, "activations": 0}
             out.append(max(fwd, bwd, key=lambda b: sum(b.values())))
