@@ -220,6 +220,7 @@ class MemoryPlot:
         self.plot = plot
         _setup_plot(plot, "", "s")
         plot.setLabel("left", "MiB")
+        plot.getAxis("left").enableAutoSIPrefix(False)  # not "MiB (x0.001)": MiB it is
         self.follow = Follow(plot)
         self.area = StackedArea([CATEGORY_COLORS[c] for c in CATEGORIES])
         plot.addItem(self.area)
@@ -261,7 +262,8 @@ class Dashboard(QWidget):
         self.data: RunData | None = None
         self._prediction: dict[int, dict] = {}
         self._seen: dict[str, int] = {}
-        self._n = -1
+        self._shown: tuple[str, ...] | None = None
+        """The device labels the plots are laid out for."""
 
         self.devices = DeviceView()
         self.timeline = Timeline()
@@ -370,7 +372,7 @@ class Dashboard(QWidget):
         data = self.data
         if data is None or not self._changed("all", data.version):
             return False
-        if len(data.devices) != self._n:
+        if tuple(data.labels) != self._shown:
             self._layout(data)
         if self._changed("steps", data.steps_version):
             self._draw_steps(data)
@@ -423,7 +425,8 @@ class Dashboard(QWidget):
     def _layout(self, data: RunData) -> None:
         """Show one memory plot and one utilization curve per device; slots are made
         once and kept for later runs (hidden when a run has fewer devices)."""
-        n = self._n = len(data.devices)
+        self._shown = tuple(data.labels)
+        n = len(data.devices)
         grew = len(self.mem_plots) < n
         while len(self.mem_plots) < n:
             self.mem_plots.append(MemoryPlot(pg.PlotItem()))

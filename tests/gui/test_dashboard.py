@@ -183,6 +183,12 @@ def test_dashboard_reuses_its_items_across_runs(dashboard):
         assert sum(mp.plot.isVisible() for mp in dashboard.mem_plots) == n
     assert len(dashboard.mem_plots) == 3 and len(dashboard.util_curves) == 3
     assert len(scene.items()) == items
+    renamed = start(3)
+    for i, d in enumerate(renamed.devices):
+        d["label"] = f"cuda:{i}"
+    data.add([renamed])
+    dashboard.refresh()
+    assert [mp.plot.titleLabel.text for mp in dashboard.mem_plots] == ["cuda:0", "cuda:1", "cuda:2"]
 
 
 def test_log_scale_and_diverged_loss(dashboard):
