@@ -9,7 +9,8 @@ Events arrive in batches on the GUI thread (`add`); a QTimer later reads the arr
   The whole run stays on screen at a resolution that halves each time the run doubles.
 * sampled series (memory by category, utilization, phase spans) live in `Ring`s: the
   most recent N samples (memory, utilization: 32 768 each ≈ 2 h at 4 Hz; spans: 4 096
-  per device, a few dozen sampled steps).
+  per device, a few dozen sampled steps).  Past 8 devices the rings shrink in
+  proportion, so 64 devices take what 8 do (about 35 MiB in all).
 
 Arrays are float64 and stored column by column, so a plotted column is a contiguous
 slice handed to `setData` without a copy.
@@ -217,7 +218,8 @@ class RunData:
             for d, info in zip(self.devices, infos):  # same layout: reuse the arrays
                 self._clear_device(d, info)
         else:
-            self.devices = [DeviceSeries(info, *self._caps) for info in infos]
+            caps = [max(1024, c * 8 // len(infos)) if len(infos) > 8 else c for c in self._caps]
+            self.devices = [DeviceSeries(info, *caps) for info in infos]
         self._bump(steps=True, memory=True, util=True, spans=True, end=True)
 
     @staticmethod

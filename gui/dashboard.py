@@ -60,16 +60,15 @@ def _setup_plot(plot: pg.PlotItem, title: str, x_label: str) -> None:
     plot.getAxis("left").setWidth(LEFT_AXIS_PX)
 
 
-def _curve(plot: pg.PlotItem, color: str | None, **opts) -> pg.PlotDataItem:
+def _curve(plot: pg.PlotItem, color: str) -> pg.PlotDataItem:
     # connect='all' + skipFiniteCheck: no per-frame scan for NaN (the data has none).
     # Peak downsampling to one bin per pixel (pyqtgraph's default is five): each pixel
     # column still gets its min and max, so the picture is the same at a fifth of the work.
     # No dynamicRangeLimit: it scans all the data for its bounds on every frame, and the
     # views here are fitted to the data anyway.
-    pen = pg.mkPen(color, width=1) if color else None
-    item = pg.PlotDataItem(pen=pen, connect="all", skipFiniteCheck=True, clipToView=True,
-                           autoDownsample=True, downsampleMethod="peak", autoDownsampleFactor=1.0,
-                           dynamicRangeLimit=None, **opts)
+    item = pg.PlotDataItem(pen=pg.mkPen(color, width=1), connect="all", skipFiniteCheck=True,
+                           clipToView=True, autoDownsample=True, downsampleMethod="peak",
+                           autoDownsampleFactor=1.0, dynamicRangeLimit=None)
     plot.addItem(item)
     return item
 
@@ -188,8 +187,14 @@ class StackedArea(pg.GraphicsObject):
             per_bin = len(x) // bins
             if per_bin > 1:
                 n = len(x) // per_bin * per_bin
-                x = x[:n:per_bin]
-                tops = tops[:, :n].reshape(len(tops), -1, per_bin).max(axis=2)
+                # Whole bins, then the newest samples as a last bin reaching the last x.
+                peaks = tops[:, :n].reshape(len(tops), -1, per_bin).max(axis=2)
+                x_bins = x[:n:per_bin]
+                if n < len(x):
+                    peaks = np.column_stack([peaks, tops[:, n:].max(axis=1)])
+                    x_bins = np.append(x_bins, x[n])
+                x = np.append(x_bins, x[-1])
+                tops = np.column_stack([peaks, peaks[:, -1]])
         if len(x) < 2:
             return []
         polygons = []

@@ -191,6 +191,28 @@ def test_dashboard_reuses_its_items_across_runs(dashboard):
     assert [mp.plot.titleLabel.text for mp in dashboard.mem_plots] == ["cuda:0", "cuda:1", "cuda:2"]
 
 
+def test_stacked_memory_keeps_peaks_when_downsampled(dashboard):
+    from paralab.gui.dashboard import StackedArea
+    from pyqtgraph import functions as fn
+
+    data = RunData(memory_capacity=100_000)
+    dashboard.bind(data)
+    data.reset(start(1))
+    dashboard.refresh()
+    n = 100_000
+    tops = np.tile(np.array([1.0, 2.0, 3.0, 4.0, 5.0])[:, None], n)
+    tops[3:, 54_321] = (40.0, 41.0)  # one activation spike among 100 000 samples
+    data.devices[0].memory.extend(np.column_stack([np.arange(n) * 0.25, tops.T]))
+    data._bump(memory=True)
+    dashboard.refresh()
+    area: StackedArea = dashboard.mem_plots[0].area
+    bands = [fn.ndarray_from_qpolygonf(p) for p in area._build()]
+    width = dashboard.mem_plots[0].plot.getViewBox().width()
+    assert len(bands) == 5 and len(bands[3]) <= 2 * width + 4  # about one point per pixel column
+    assert bands[3][:, 1].max() == 40.0 and bands[4][:, 1].max() == 41.0
+    assert bands[0][-3, 0] == (n - 1) * 0.25  # reaches the newest sample
+
+
 def test_log_scale_and_diverged_loss(dashboard):
     data = RunData()
     dashboard.bind(data)
