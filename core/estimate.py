@@ -247,7 +247,6 @@ def _fake_tensors() -> Iterator[None]:
     """FakeTensorMode, and what it takes for a trace to count what a run counts:
     the ledger keys storages by identity (a fake storage's address is 0, which the ledger
     skips), and a few kernels whose real storage differs from their meta one are evened out."""
-    import torch
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
