@@ -41,6 +41,7 @@ from .timeline import Timeline
 
 MAX_FPS = 30
 MEMORY_COLUMNS = 4
+PREMADE_SLOTS = 4
 LEFT_AXIS_PX = 56
 UTIL_SOURCES = {"nvml": "NVML: a kernel ran", "spans": "share of step computing", "cpu": "rank CPU"}
 EMPTY = np.empty(0)
@@ -310,6 +311,9 @@ class Dashboard(QWidget):
         self.timer = QTimer(self)
         self.timer.setInterval(max(1000 // max(1, min(fps, MAX_FPS)), 34))
         self.timer.timeout.connect(self.refresh)
+        # Slots for a few devices now, while nothing runs: making plots costs the GUI
+        # thread tens of milliseconds, better spent before Start than during a run.
+        self._make_slots(PREMADE_SLOTS)
         self._apply_palette()
 
     # ---- the interface the app uses -------------------------------------------------------------
@@ -432,11 +436,7 @@ class Dashboard(QWidget):
         once and kept for later runs (hidden when a run has fewer devices)."""
         self._shown = tuple(data.labels)
         n = len(data.devices)
-        grew = len(self.mem_plots) < n
-        while len(self.mem_plots) < n:
-            self.mem_plots.append(MemoryPlot(pg.PlotItem()))
-        while len(self.util_curves) < n:
-            self.util_curves.append(_curve(self.util_plot, device_color(len(self.util_curves))))
+        self._make_slots(n)
         for mp in self.mem_plots:
             if mp.plot.scene() is not None:
                 self.mem_layout.removeItem(mp.plot)
@@ -449,8 +449,15 @@ class Dashboard(QWidget):
             mp.plot.setVisible(i < n)
         for i, curve in enumerate(self.util_curves):
             curve.setVisible(i < n)
-        if grew:
-            self._apply_palette()
+
+    def _make_slots(self, n: int) -> None:
+        if len(self.mem_plots) >= n:
+            return
+        while len(self.mem_plots) < n:
+            self.mem_plots.append(MemoryPlot(pg.PlotItem()))
+        while len(self.util_curves) < n:
+            self.util_curves.append(_curve(self.util_plot, device_color(len(self.util_curves))))
+        self._apply_palette()
 
     def _peak(self, device: int) -> int | None:
         entry = self._prediction.get(device)
