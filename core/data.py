@@ -48,6 +48,15 @@ class Dataset:
         idx = torch.arange(start, start + batch_size) % n
         return self.inputs[idx], self.targets[idx]
 
+    def shard(self, step: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank `rank`'s equal share of step `step`'s global batch, loaded on its own (a
+        copy, as a rank's data loader would make: no rank holds the whole batch)."""
+        per_rank = batch_size // world
+        n = len(self)
+        start = ((step - 1) * batch_size + rank * per_rank) % n
+        idx = torch.arange(start, start + per_rank, device=self.inputs.device) % n
+        return self.inputs[idx], self.targets[idx]
+
     def to(self, device: str | torch.device) -> Dataset:
         return Dataset(self.inputs.to(device), self.targets.to(device))
 

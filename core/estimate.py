@@ -250,14 +250,7 @@ def _fake_tensors() -> Iterator[None]:
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from . import data, memory
-
-    def storage_key(t: Any) -> tuple[int, str] | None:
-        try:
-            s = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return None
-        return (s._cdata, str(t.device)) if s.nbytes() else None
+    from . import data
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     swap, mse = torch.utils.swap_tensors, F.mse_loss
@@ -285,7 +278,7 @@ def _fake_tensors() -> Iterator[None]:
         # Shapes are all a trace needs; the Markov chain would cost seq_len fake steps.
         return data.Dataset(torch.zeros(n, seq_len, dtype=torch.long), torch.zeros(n, seq_len, dtype=torch.long))
 
-    patches = [(memory, "_storage_key", storage_key), (torch.utils, "swap_tensors", swap_tensors),
+    patches = [(torch.utils, "swap_tensors", swap_tensors),
                (F, "mse_loss", mse_loss), (data, "_markov_tokens", tokens)]
     originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:

@@ -55,12 +55,14 @@ class DeviceOutOfMemory(RuntimeError):
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, str] | None:
+    """The identity of the storage behind t (shared by its views), or None for tensors
+    without storage and empty ones.  The storage object's address, not its data pointer:
+    fake tensors (core.estimate traces on them) have storages but no data."""
     try:
         s = t.untyped_storage()
     except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
         return None
-    ptr = s.data_ptr()
-    return (ptr, str(t.device)) if ptr else None
+    return (s._cdata, str(t.device)) if s.nbytes() else None
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -146,6 +148,8 @@ class MemoryLedger:
                 return t
             packed = _Packed(t)
             entry = saved.get(key)
+            if entry is not None and all(r() is None for r in entry[1]):
+                entry = None  # a freed storage's address, reused by a new one
             if entry is None:
                 entry = saved[key] = (local.untyped_storage().nbytes(), [])
             entry[1].append(weakref.ref(packed))

@@ -33,7 +33,6 @@ def apply_ddp(ctx) -> Trainer:
     ctx.ledger.add_optimizer(optimizer)
     ctx.ledger.checkpoint("setup")
     d, rank = device.index, ctx.rank
-    per_rank = cfg.train.batch_size // ctx.world
     sampled = {"probe": None}
     buckets: dict[int, torch.Tensor] = {}
 
@@ -59,8 +58,7 @@ def apply_ddp(ctx) -> Trainer:
     ddp.register_comm_hook(dist.group.WORLD, timed_allreduce)
 
     def step(i, probe):
-        x, y = data.batch(i, cfg.train.batch_size)
-        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+        x, y = data.shard(i, cfg.train.batch_size, rank, ctx.world)
         sampled["probe"] = probe if probe.active else None
         with probe.phase(d, "forward"):
             out = ddp(x)

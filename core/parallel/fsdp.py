@@ -57,15 +57,13 @@ def apply_fsdp(ctx) -> Trainer:
     ctx.ledger.add_optimizer(optimizer)
     ctx.ledger.checkpoint("setup")
     d, rank = device.index, ctx.rank
-    per_rank = cfg.train.batch_size // ctx.world
 
     def gathered() -> list[torch.Tensor]:
         # Registered parameters that are not sharded DTensors are the gathered copies.
         return [p for p in model.parameters() if not isinstance(p, DTensor)]
 
     def step(i, probe):
-        x, y = data.batch(i, cfg.train.batch_size)
-        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+        x, y = data.shard(i, cfg.train.batch_size, rank, ctx.world)
         timer.probe = probe if probe.active else None
         with probe.phase(d, "forward"):
             out = model(x)

@@ -73,3 +73,13 @@ def test_split_layers():
     assert [list(r) for r in split_layers(3, 2)] == [[0], [1, 2]]  # the seed's SplitNN
     assert [len(r) for r in split_layers(10, 4)] == [2, 2, 3, 3]
     assert [list(r) for r in split_layers(4, 2, (3, 1))] == [[0, 1, 2], [3]]
+
+
+def test_rank_shards_make_up_the_global_batch():
+    data = make_dataset(DataConfig(samples=10), ModelConfig(kind="mlp", in_features=3), 0)
+    for step in (1, 4):
+        x, y = data.batch(step, 8)
+        parts = [data.shard(step, 8, r, 4) for r in range(4)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
+        assert parts[1][0].untyped_storage().nbytes() == 2 * 3 * 4  # a rank holds only its share
