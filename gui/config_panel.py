@@ -10,6 +10,8 @@ have been still for a moment.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from PySide6.QtCore import QObject, Qt, QTimer, Signal
@@ -48,6 +50,7 @@ from ..core.config import (
     set_value,
 )
 from ..core.models import layer_names, split_layers
+from ..core.run import context as run_context
 
 # Two lines per mode: what it does, then what to watch while it runs.
 MODE_NOTES = {
@@ -81,6 +84,41 @@ class _EstimateSignals(QObject):
     done = Signal(int, object, str)  # generation, Estimate or None, error sentence
 
 
+class _EstimateProcess:
+    """Predictions run in a child process (forked from the ranks' forkserver, torch
+    already loaded): tracing a large model holds the interpreter lock for seconds, which
+    in a thread of this process would stall the window."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, cfg: RunConfig) -> Any:
+        from ..core.estimate import estimate
+
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=run_context())
+            pool = self._pool
+        try:
+            return pool.submit(estimate, cfg, "both").result()
+        except BrokenProcessPool:
+            with self._lock:
+                self._pool = None
+            raise RuntimeError("the prediction process ended unexpectedly") from None
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:  # a trace under way is not worth waiting for
+            p.kill()
+            p.join(timeout=2)
+
+
 class ConfigPanel(QWidget):
     """Emits `config_changed(RunConfig | None, problems)` after every edit."""
 
@@ -103,6 +141,7 @@ class ConfigPanel(QWidget):
         self._estimate_lock = threading.Lock()
         self._estimate_next: tuple[int, RunConfig | None] | None = None
         self._estimate_busy = False
+        self._estimator = _EstimateProcess()
         self._estimate_signals = _EstimateSignals(self)
         self._estimate_signals.done.connect(self._on_estimate)
         self._estimate_timer = QTimer(self)
@@ -119,6 +158,10 @@ class ConfigPanel(QWidget):
 
     def problems(self) -> list[str]:
         return list(self._problems)
+
+    def shutdown(self) -> None:
+        """End the prediction process (the window is closing)."""
+        self._estimator.close()
 
     def set_locked(self, locked: bool) -> None:
         """Lock the form while a run goes (its settings are the run's); the text stays readable."""
@@ -550,11 +593,7 @@ class ConfigPanel(QWidget):
             generation, cfg = job
             result, error = None, ""
             try:
-                from ..core.estimate import estimate
-
-                result = estimate(cfg, method="both")
-            except ImportError:
-                error = "Prediction is not available in this version."
+                result = self._estimator(cfg)
             except ConfigError as e:
                 error = str(e)
             except Exception as e:  # noqa: BLE001 -- a failed prediction must not break the form

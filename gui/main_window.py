@@ -323,7 +323,8 @@ class MainWindow(QMainWindow):
         self._set_prediction(est)
 
     def _set_prediction(self, est: Any) -> None:
-        pred = {d.device: {"peak_bytes": d.peak_bytes, "bytes": dict(d.bytes)} for d in est.devices} if est else {}
+        pred = {d.device: {"peak_bytes": d.peak_bytes, "bytes": dict(d.bytes), "label": d.label,
+                           "capacity_bytes": d.capacity_bytes} for d in est.devices} if est else {}
         self.dashboard.set_prediction(pred)
 
     def _on_started(self, start: RunStarted) -> None:
@@ -451,6 +452,7 @@ class MainWindow(QMainWindow):
                 QTimer.singleShot(STOP_CLOSE_TIMEOUT_MS, self.force_close)
             return
         self.dashboard.stop()
+        self.panel.shutdown()
         self.controller.cleanup()  # the temporary events file: nothing can export it any more
         event.accept()
 

@@ -133,6 +133,7 @@ def test_the_leftover_check_sees_a_forked_rank():
     import time as _time
 
     from paralab.core.run import context
+
     from tests.conftest import _is_rank
 
     p = context().Process(target=_time.sleep, args=(30,), daemon=True)
