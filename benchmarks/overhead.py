@@ -8,9 +8,11 @@
    first steps sampled).  Target >= 0.97.
 
 paralab's steps/s is read from its own step events (first to last step), so process
-start-up is not counted here; benchmarks/startup.py measures that.
+start-up is not counted here; benchmarks/startup.py measures that.  On a shared machine
+other work only ever slows a run down, so each side's best of the repeats is its speed
+(as timeit takes the minimum); the medians are printed too.
 
-    python benchmarks/overhead.py [--steps 3000] [--repeats 3] [--modes single,ddp]
+    python benchmarks/overhead.py [--steps 20000] [--repeats 3] [--modes single,ddp]
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def paralab_steps_per_s(overrides: dict) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", default="single,ddp", help="modes for the instrumented/uninstrumented part")
     args = p.parse_args()
@@ -71,21 +73,23 @@ def main() -> None:
         bare_all.append(bare)
         ours_all.append(ours)
         ratios.append(ours / bare)
-    print(f"seed loop (bare)        {statistics.median(bare_all):9.0f} steps/s")
-    print(f"paralab run (single)    {statistics.median(ours_all):9.0f} steps/s")
-    print(f"ratio paralab / bare    {statistics.median(ratios):9.3f}   (target >= 0.95; runs: "
-          + ", ".join(f"{r:.3f}" for r in ratios) + ")")
+    print(f"seed loop (bare)        best {max(bare_all):6.0f} steps/s   median {statistics.median(bare_all):6.0f}")
+    print(f"paralab run (single)    best {max(ours_all):6.0f} steps/s   median {statistics.median(ours_all):6.0f}")
+    print(f"ratio paralab / bare    {max(ours_all) / max(bare_all):.3f} (best/best; target >= 0.95)   "
+          "pairwise: " + ", ".join(f"{r:.3f}" for r in ratios))
 
     for mode in args.modes.split(","):
         devices = "sim:1" if mode == "single" else "sim:2"
-        cfg = dict(base, mode=mode, devices=devices)
-        ratios = []
+        # Multi-process steps are slower (an all-reduce each): fewer of them take as long.
+        steps = args.steps if mode == "single" else max(args.steps // 5, 500)
+        cfg = dict(base, mode=mode, devices=devices, **{"train.steps": steps})
+        plain, instrumented = [], []
         for _ in range(args.repeats):
-            plain = paralab_steps_per_s(dict(cfg, **{"telemetry.interval_s": 1e9}))
-            instrumented = paralab_steps_per_s(cfg)
-            ratios.append(instrumented / plain)
-        print(f"instrumented / uninstrumented ({mode}, {devices})  {statistics.median(ratios):.3f}   "
-              "(target >= 0.97; runs: " + ", ".join(f"{r:.3f}" for r in ratios) + ")")
+            plain.append(paralab_steps_per_s(dict(cfg, **{"telemetry.interval_s": 1e9})))
+            instrumented.append(paralab_steps_per_s(cfg))
+        print(f"instrumented / uninstrumented ({mode}, {devices})  {max(instrumented) / max(plain):.3f} "
+              f"(best/best; target >= 0.97; {max(instrumented):.0f} vs {max(plain):.0f} steps/s)   pairwise: "
+              + ", ".join(f"{i / p:.3f}" for i, p in zip(instrumented, plain)))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..core.events import CATEGORIES
+from ..core.telemetry import UTILIZATION_EXPLAINED
 from .buffers import MIB, RunData
 from .device_view import DeviceView
 from .style import (
@@ -282,6 +283,7 @@ class Dashboard(QWidget):
         self.rate_curve = _curve(self.rate_plot, device_color(1))
         self.util_plot = self.plots.addPlot(row=0, col=2)
         _setup_plot(self.util_plot, "utilization %", "s")
+        self.util_plot.setToolTip(UTILIZATION_EXPLAINED)  # people misread NVML's number
         self.util_curves: list[pg.PlotDataItem] = []
         self.mem_layout = self.plots.addLayout(row=1, col=0, colspan=3)
         self.mem_plots: list[MemoryPlot] = []
