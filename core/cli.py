@@ -37,7 +37,7 @@ def add_config_args(p: argparse.ArgumentParser, overrides: bool = True) -> None:
                             + ", ".join(field_docs()))
 
 
-def load_config(args: argparse.Namespace) -> RunConfig:
+def load_config(args: argparse.Namespace, check: bool = True) -> RunConfig:
     """The config an invocation names, overrides applied and checked (BadInput otherwise)."""
     from . import presets
 
@@ -51,7 +51,7 @@ def load_config(args: argparse.Namespace) -> RunConfig:
         cfg = cfg.with_overrides(getattr(args, "overrides", []) or [])
     except ConfigError as e:
         raise BadInput(str(e)) from None
-    problems = cfg.validate()
+    problems = cfg.validate() if check else []
     if problems:
         raise BadInput("\n".join(problems))
     return cfg
@@ -66,6 +66,10 @@ def build_parser(extra: dict[str, Callable[[argparse.ArgumentParser], None]] | N
     add_config_args(p)
     p.add_argument("--metrics", metavar="FILE.jsonl", help="write every event to this file as it happens")
     p.add_argument("--quiet", action="store_true", help="print only the result")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="start no ranks: wait for ranks that torchrun starts, on this or other machines, "
+                        "to connect here (port 0 picks a free one; prints the torchrun command)")
+    p.add_argument("--ranks", type=int, metavar="N", help="with --listen: how many ranks torchrun starts in all")
     p = sub.add_parser("estimate", help="predict each device's peak memory by category")
     add_config_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -111,12 +115,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .events import RunEnded, StepDone
     from .run import Run, prewarm
 
-    prewarm()  # torch loads in the forkserver while the config is read and checked
-    cfg = load_config(args)
+    listen = args.listen
+    if (listen is None) != (args.ranks is None):
+        raise BadInput("--listen HOST:PORT and --ranks N go together: wait here for N ranks that torchrun starts")
+    if listen is None:
+        prewarm()  # torch loads in the forkserver while the config is read and checked
+    # Listening, the devices are the ranks' (checked by the Run), not this machine's.
+    cfg = load_config(args, check=listen is None)
     try:
-        run = Run(cfg, metrics=args.metrics)
+        run = Run(cfg, metrics=args.metrics, listen=listen, ranks=args.ranks or 0)
     except ConfigError as e:
         raise BadInput(str(e)) from None
+    if run.listener is not None:
+        from .remote import instructions
+
+        print(instructions(run.listener.address, run.world, run.authkey, run.authkey_generated),
+              file=sys.stderr, flush=True)
     signals = {"count": 0, "code": 0}
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import wait
@@ -23,9 +24,9 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from . import worker
+from . import remote, worker
 from .config import ConfigError, RunConfig
-from .devices import Device, resolve
+from .devices import Device, parse_spec, resolve
 from .events import Event, EventWriter, RunEnded, RunStarted, StepDone
 from .parallel import STRATEGIES, world_size
 from .telemetry import Sampler
@@ -74,14 +75,20 @@ class Run:
     """One training run.  Iterate `events()`; call pause/resume/stop/set_lr from any thread."""
 
     def __init__(self, config: RunConfig, metrics: str | Path | None = None,
-                 devices: list[Device] | None = None, faults: dict[int, str] | None = None) -> None:
-        problems = config.validate(resolve_devices=devices is None)
+                 devices: list[Device] | None = None, faults: dict[int, str] | None = None,
+                 listen: str | None = None, ranks: int = 0, connect_timeout_s: float | None = None) -> None:
+        """listen='HOST:PORT': do not start ranks, wait for `ranks` that torchrun starts (core.remote)."""
+        problems = (remote.problems(config, ranks) if listen is not None
+                    else config.validate(resolve_devices=devices is None))
         if problems:
             raise ConfigError("; ".join(problems))
         self.config = config
+        if listen is not None and devices is None:  # GPUs: the ranks' own, known once they say hello
+            sim = parse_spec(config.devices).kind == "sim"
+            devices = resolve(config.devices, config.sim.memory, gpus=[]) if sim else []
         self.devices = devices if devices is not None else resolve(config.devices, config.sim.memory)
         self.metrics = Path(metrics) if metrics else None
-        self.world = world_size(config.mode, len(self.devices))
+        self.world = ranks if listen is not None else world_size(config.mode, len(self.devices))
         self._ctx = context()
         self._shared = self._ctx.RawArray("d", 3)
         self._shared[worker.LR] = config.train.lr
@@ -90,6 +97,13 @@ class Run:
         self.stop_requested = False
         self.faults = faults or {}
         """Test-only: {rank: 'hang@STEP' | 'crash@STEP' | 'raise@STEP'}."""
+        self.listener: remote.RankListener | None = None
+        self.remote_ranks: list[remote.Hello] = []
+        """Listen mode: the torchrun ranks, by rank, once they have all said hello."""
+        self.connect_timeout_s = connect_timeout_s
+        if listen is not None:
+            self.authkey, self.authkey_generated = remote.authkey()
+            self.listener = remote.RankListener(listen, self.authkey)
 
     # ---- controls (thread-safe: plain writes to shared memory) ---------------------------------
 
@@ -123,12 +137,19 @@ class Run:
         supervisor = _Supervisor(self, t0)
         sampler: Sampler | None = None
         try:
+            if self.listener is not None:  # the ranks first: their GPUs are the run's devices
+                self.ended = supervisor.gather()
             start = self._started()
             if writer:
                 writer.write([start])
             yield start
+            if self.ended is not None:  # stopped or refused before every rank came
+                if writer:
+                    writer.write([self.ended])
+                yield self.ended
+                return
             supervisor.launch()
-            sampler = Sampler(self.devices, self.pids, t0, self.config.telemetry.interval_s, self.world)
+            sampler = Sampler(self._sampled_devices(), self.pids, t0, self.config.telemetry.interval_s, self.world)
             sampler.start()
             while self.ended is None:
                 batch = sampler.merge(supervisor.poll())
@@ -151,9 +172,17 @@ class Run:
         from .models import build_model, count_params
 
         params = count_params(build_model(self.config.model, self.config.seed, device="meta"))
+        hosts = {h.rank: f" on {h.host}" for h in self.remote_ranks}
         devices = [{"index": d.index, "label": d.label, "kind": d.kind, "capacity_bytes": d.capacity_bytes,
-                    "description": d.describe()} for d in self.devices]
+                    "description": d.describe() + hosts.get(d.index if self.world > 1 else 0, "")}
+                   for d in self.devices]
         return RunStarted(self.config.mode, devices, self.config.to_dict(), self.world, params, time.time())
+
+    def _sampled_devices(self) -> list[Device]:
+        """The devices telemetry can watch: all but another machine's GPUs (its NVML is not ours)."""
+        here = socket.gethostname()
+        hosts = {h.rank: h.host for h in self.remote_ranks}
+        return [d for d in self.devices if d.kind == "sim" or hosts.get(d.index, here) == here]
 
 
 class _Supervisor:
@@ -177,9 +206,53 @@ class _Supervisor:
         self.loss_ranks = {run.world - 1} if strategy.loss_from_last_rank else set(range(run.world))
         self._pending: dict[int, list[tuple[float, float, float]]] = {}
         self._last_step: tuple[int, float] | None = None
+        self.remote: list[tuple[Any, remote.Hello]] = []
+        """Listen mode: (connection, hello) of each torchrun rank, by rank."""
+        self._sent_controls: tuple[float, ...] | None = None
+
+    def gather(self) -> RunEnded | None:
+        """Listen mode: wait for the torchrun ranks; a RunEnded when they cannot train."""
+        run = self.run
+        try:
+            self.remote = run.listener.gather(run.world, lambda: run.stop_requested, run.connect_timeout_s)
+            run.remote_ranks = [h for _, h in self.remote]
+            run.devices = remote.devices_for(run.config, run.remote_ranks)
+        except remote.Aborted as e:
+            remote.refuse([c for c, _ in self.remote], str(e))
+            return RunEnded(e.status, str(e), None, perf_counter() - self.t0, 0)
+        return None
+
+    def _launch_remote(self) -> None:
+        """Each torchrun rank gets its job over its connection, which from then on carries
+        its events like a forked rank's pipe."""
+        run = self.run
+        backend = remote.backend_for(run.devices)
+        for conn, hello in self.remote:
+            job = worker.RankJob(run.config.to_dict(), run.devices, hello.rank, run.world, perf_counter() - self.t0,
+                                 0, backend=backend, fault=run.faults.get(hello.rank, ""), remote=True,
+                                 local_world=hello.local_world)
+            with contextlib.suppress(OSError):  # a rank that died already shows up as an end of file
+                conn.send(job)
+            self.readers[conn] = hello.rank
+            self.progress[hello.rank] = (0, perf_counter())
+
+    def _send_controls(self, stop: bool = False) -> None:
+        """Remote ranks share no memory with us: send them the controls when they change.
+        Only the thread that reads the connections sends, so messages never interleave."""
+        now = tuple(self.run._shared)
+        if now == self._sent_controls and not stop:
+            return
+        self._sent_controls = now
+        controls = remote.Controls(1.0 if stop else now[worker.STOP], now[worker.PAUSED], now[worker.LR])
+        for conn in self.readers:
+            with contextlib.suppress(OSError):
+                conn.send(controls)
 
     def launch(self) -> None:
         run = self.run
+        if self.remote:
+            self._launch_remote()
+            return
         backend = "gloo"
         if run.world > 1:
             import datetime
@@ -205,6 +278,8 @@ class _Supervisor:
 
     def poll(self) -> list[Event]:
         out: list[Event] = []
+        if self.remote:
+            self._send_controls()
         for reader in wait(list(self.readers), timeout=0.1):
             rank = self.readers[reader]
             try:
@@ -252,11 +327,15 @@ class _Supervisor:
         return StepDone(step, loss, t, rate, got[0][2])
 
     def _death(self, rank: int) -> worker.RankDone:
-        p = self.run._processes[rank]
-        p.join(timeout=1.0)
-        code = p.exitcode
-        how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
-               else f"exited with code {code}" if code is not None else "stopped answering")
+        if self.remote:  # maybe on another machine: no exit code to read, only the closed connection
+            hello = self.remote[rank][1]
+            how = f"on {hello.host} (pid {hello.pid}) closed its connection: it died, or its machine went away"
+        else:
+            p = self.run._processes[rank]
+            p.join(timeout=1.0)
+            code = p.exitcode
+            how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
+                   else f"exited with code {code}" if code is not None else "stopped answering")
         device = self._device_of(rank)
         return worker.RankDone(rank, "error", f"rank {rank} ({self.run.devices[device].label}) {how}", device)
 
@@ -312,6 +391,13 @@ class _Supervisor:
         return RunEnded(status, worst.message, None, t, self.steps_done)
 
     def teardown(self) -> None:
+        if self.run.listener is not None:
+            self.run.listener.close()
+        if self.remote:  # no killing on other machines: told to stop, ranks end when their connection closes
+            self._send_controls(stop=True)
+            for conn, _ in self.remote:
+                with contextlib.suppress(Exception):
+                    conn.close()
         procs = self.run._processes
         deadline = perf_counter() + 1.0
         for p in procs:

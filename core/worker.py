@@ -39,13 +39,18 @@ class RankJob:
     rank: int
     world: int
     t0: float
-    """perf_counter() at the controller's start (CLOCK_MONOTONIC: shared by the processes of one machine)."""
+    """perf_counter() at the controller's start (CLOCK_MONOTONIC: shared by the processes of one machine).
+    A remote rank is sent the seconds since that start instead and turns them into its own clock."""
     controller_pid: int
     store_host: str = "127.0.0.1"
     store_port: int = 0
     backend: str = "gloo"
     fault: str = ""
     """Test-only fault injection, 'KIND@STEP' on this rank: hang@5 (sleep forever), crash@5 (SIGKILL itself)."""
+    remote: bool = False
+    """Started by torchrun (core.remote): rendezvous from its environment, controller over a socket."""
+    local_world: int = 0
+    """Ranks on this machine (torchrun's LOCAL_WORLD_SIZE); 0: all of them."""
 
 
 @dataclass
@@ -240,9 +245,12 @@ class Heartbeat(threading.Thread):
     """Sends the rank's progress every second, so the controller can tell a slow step
     from a dead or hung rank; also ends the rank if the controller is gone."""
 
-    def __init__(self, rank: int, channel: Channel, controller_pid: int) -> None:
+    def __init__(self, rank: int, channel: Channel, controller_pid: int,
+                 controller_alive: Any = None) -> None:
         super().__init__(daemon=True, name="paralab-heartbeat")
         self.rank, self.channel, self.controller_pid = rank, channel, controller_pid
+        # A remote rank's controller is on another machine: its connection tells, not a pid.
+        self.controller_alive = controller_alive or (lambda: _alive(controller_pid))
         self.progress = 0
         self.paused = False
         self.stopped = threading.Event()
@@ -250,7 +258,7 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         main = threading.main_thread().ident
         while not self.stopped.wait(1.0):
-            if not _alive(self.controller_pid):
+            if not self.controller_alive() and not self.stopped.is_set():
                 os._exit(3)  # orphaned: nobody will read our events or stop us
             frame = sys._current_frames().get(main)
             where = ""
@@ -274,13 +282,13 @@ def _alive(pid: int) -> bool:
 # ---- the rank --------------------------------------------------------------------------------
 
 
-def main(job: RankJob, conn: Any, shared: Any) -> None:
-    """Entry point of a rank process."""
+def main(job: RankJob, conn: Any, shared: Any, controller_alive: Any = None) -> RankDone:
+    """Entry point of a rank process (forked, or core.remote's under torchrun)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the controller's to handle
     _set_parent_death_signal()
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     channel = Channel(conn)
-    heartbeat = Heartbeat(job.rank, channel, job.controller_pid)
+    heartbeat = Heartbeat(job.rank, channel, job.controller_pid, controller_alive)
     heartbeat.start()
     done = RankDone(job.rank, "error", "the rank ended before it started training")
     state: dict[str, Probe] = {}
@@ -296,6 +304,7 @@ def main(job: RankJob, conn: Any, shared: Any) -> None:
         with contextlib.suppress(Exception):
             conn.close()
         _shutdown_distributed()
+    return done
 
 
 def _run(job: RankJob, channel: Channel, shared: Any, heartbeat: Heartbeat, state: dict) -> RankDone:
@@ -305,7 +314,7 @@ def _run(job: RankJob, channel: Channel, shared: Any, heartbeat: Heartbeat, stat
     from .parallel import STRATEGIES
 
     cfg = RunConfig.from_dict(job.config)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (job.local_world or job.world)))
     local = _local_devices(job, cfg)
     _setup_cuda(local)
     ctx = RankContext(job, cfg, local, MemoryLedger(local))
@@ -463,11 +472,15 @@ def _init_distributed(job: RankJob, hang_timeout_s: float) -> Any:
 
     import torch.distributed as dist
 
-    store = dist.TCPStore(job.store_host, job.store_port, job.world, is_master=False,
-                          timeout=datetime.timedelta(seconds=60))
     # Collectives give up a little after the controller's hang timeout: the controller
     # names the hung rank first, and no rank waits forever if the controller is gone.
     timeout = datetime.timedelta(seconds=hang_timeout_s + 10)
+    if job.remote:  # torchrun's rendezvous (MASTER_ADDR/PORT), not the controller's store
+        dist.init_process_group(job.backend, init_method="env://", rank=job.rank, world_size=job.world,
+                                timeout=timeout)
+        return dist.group.WORLD
+    store = dist.TCPStore(job.store_host, job.store_port, job.world, is_master=False,
+                          timeout=datetime.timedelta(seconds=60))
     dist.init_process_group(job.backend, store=store, rank=job.rank, world_size=job.world, timeout=timeout)
     return dist.group.WORLD
 
@@ -487,3 +500,14 @@ def _set_parent_death_signal() -> None:
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+if __name__ == "__main__":  # torchrun ... -m paralab.core.worker --controller HOST:PORT
+    from paralab.core.remote import remote_main  # the package's modules, not this __main__ copy
+
+    code = remote_main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # End as forked ranks do, without the interpreter's teardown: destroying torch's
+    # static objects at exit can abort ("terminate called without an active exception").
+    os._exit(code)

@@ -1,0 +1,356 @@
+"""Ranks on other machines: torchrun starts them, and they dial the controller.
+
+Controller (`paralab run --listen HOST:PORT --ranks N`): a `RankListener` waits for N
+ranks.  Each proves it knows the key (PARALAB_AUTHKEY) and says `Hello`: its rank, the
+world size, its host and its GPU (cuda:LOCAL_RANK).  The controller answers each with
+its `RankJob`; from then on the same connection carries the rank's Batch/RankDone
+messages, exactly like a forked rank's pipe, and the controller sends `Controls`
+(stop, paused, lr) down it whenever they change.
+
+Rank (`torchrun ... -m paralab.core.worker --controller HOST:PORT`): `remote_main`
+connects, says hello, starts a thread that writes the controls it receives into a
+local array (what `worker.Control` reads), and runs the same `worker.main` as a forked
+rank, with torch.distributed initialised from torchrun's rendezvous (env://).  The
+controller cannot kill a process on another machine: a rank whose connection closes
+ends itself (the heartbeat checks it).
+
+Clocks: perf_counter() counts from a different moment on each machine.  The job
+carries how long the run has been going when it was sent; the rank sets its t0 to its
+own perf_counter() minus that, so every time it reports is on the controller's clock,
+off by the one-way network delay (well under a millisecond on a LAN).
+
+Every node needs the same Python, torch and paralab as the controller: messages are
+pickled dataclasses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import queue
+import secrets
+import shlex
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from multiprocessing.connection import (
+    AuthenticationError,
+    Client,
+    Listener,
+    answer_challenge,
+    deliver_challenge,
+)
+from typing import Any
+
+from .config import ConfigError, RunConfig
+from .devices import Device, parse_spec, resolve
+
+CONNECT_RETRY_S = 120.0
+"""How long a rank keeps trying to reach a controller that is not listening yet."""
+
+
+@dataclass
+class Hello:
+    """A rank's first message: who it is and what it has."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    host: str
+    pid: int
+    gpu_name: str = ""
+    gpu_bytes: int = 0
+    """cuda:LOCAL_RANK's memory; 0 when the rank has no GPU."""
+
+
+@dataclass
+class Controls:
+    """The controller's stop / paused / lr, sent whenever one changes."""
+
+    stop: float
+    paused: float
+    lr: float
+
+
+@dataclass
+class Refused:
+    """Instead of a job: why this rank will not train (it exits)."""
+
+    reason: str
+
+
+class Aborted(Exception):
+    """The ranks could not be gathered; `status` is the run's end status."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{text!r} is not HOST:PORT; write e.g. 0.0.0.0:29400 (port 0 picks a free one)")
+    return host.strip("[]"), int(port)
+
+
+def authkey() -> tuple[str, bool]:
+    """(the key, whether it was generated here) - PARALAB_AUTHKEY when set."""
+    key = os.environ.get("PARALAB_AUTHKEY", "")
+    return (key, False) if key else (secrets.token_hex(16), True)
+
+
+# ---- controller side ---------------------------------------------------------------------------
+
+
+def problems(cfg: RunConfig, ranks: int) -> list[str]:
+    """What is wrong with running cfg on `ranks` torchrun ranks.  Simulated devices are
+    the config's; any other spec means each rank's own cuda:LOCAL_RANK."""
+    from .parallel import STRATEGIES, world_size
+
+    if ranks < 1:
+        return [f"--ranks must be at least 1, not {ranks}"]
+    try:
+        sim = parse_spec(cfg.devices).kind == "sim"
+    except ConfigError as e:
+        return [str(e)]
+    if cfg.mode not in STRATEGIES:
+        return cfg.validate(resolve_devices=False)
+    n = (parse_spec(cfg.devices).count if sim
+         else ranks if STRATEGIES[cfg.mode].one_process_per_device else 1)
+    # The layout checks need a device count, not the GPUs here: check as if simulated.
+    out = (cfg if sim else replace(cfg, devices=f"sim:{n}")).validate(resolve_devices=False)
+    world = world_size(cfg.mode, n)
+    if not out and world != ranks:
+        out.append(f"mode {cfg.mode} on {n} device{'s' if n != 1 else ''} runs {world} "
+                   f"rank{'s' if world != 1 else ''}, not {ranks}: pass --ranks {world} and start "
+                   f"{world} in all with torchrun")
+    return out
+
+
+def devices_for(cfg: RunConfig, hellos: list[Hello]) -> list[Device]:
+    """The run's logical devices once every rank has said hello."""
+    if parse_spec(cfg.devices).kind == "sim":
+        return resolve(cfg.devices, cfg.sim.memory, gpus=[])
+    for h in hellos:
+        if not h.gpu_bytes:
+            raise Aborted("error", f"rank {h.rank} on {h.host} has no CUDA GPU cuda:{h.local_rank}; "
+                                   f"use --set devices=sim:{len(hellos)} to simulate devices")
+    return [Device(h.rank, "cuda", h.gpu_bytes, h.local_rank, 1, h.gpu_name) for h in hellos]
+
+
+def backend_for(devices: list[Device]) -> str:
+    # Every remote rank has a GPU of its own (host, LOCAL_RANK): NCCL; simulated: gloo.
+    return "nccl" if devices and all(d.kind == "cuda" for d in devices) else "gloo"
+
+
+class RankListener:
+    """Accepts the ranks' connections.  The key check runs in a thread per connection
+    (what Listener.accept would do inline), so a peer that connects and says nothing
+    holds up only itself, never the ranks behind it."""
+
+    def __init__(self, address: str, key: str) -> None:
+        host, port = parse_address(address)
+        try:
+            self._listener = Listener((host, port), authkey=None)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {address}: {e.strerror or e}") from None
+        self.address: tuple[str, int] = self._listener.address
+        self._key = key.encode()
+        self._arrived: queue.SimpleQueue[tuple[Any, Hello]] = queue.SimpleQueue()
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True, name="paralab-listener").start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn = self._listener.accept()
+            except OSError:
+                time.sleep(0.05)
+                continue
+            if self._closed.is_set():
+                conn.close()
+                return
+            threading.Thread(target=self._handshake, args=(conn,), daemon=True).start()
+
+    def _handshake(self, conn: Any) -> None:
+        try:
+            deliver_challenge(conn, self._key)
+            answer_challenge(conn, self._key)
+            hello = conn.recv()
+        except Exception:  # a wrong key, a port scanner, a peer that went away
+            conn.close()
+            return
+        if isinstance(hello, Hello):
+            self._arrived.put((conn, hello))
+        else:
+            conn.close()
+
+    def gather(self, ranks: int, stop: Callable[[], bool], timeout_s: float | None = None) -> list[tuple[Any, Hello]]:
+        """(connection, hello) of ranks 0..ranks-1, or Aborted (stopped, timed out, a rank
+        that does not belong to this run); then stops listening."""
+        got: dict[int, tuple[Any, Hello]] = {}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while len(got) < ranks:
+                if stop():
+                    raise Aborted("stopped", f"stopped while waiting for ranks ({len(got)} of {ranks} connected)")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise Aborted("error", f"only {len(got)} of {ranks} ranks connected within {timeout_s:g} s")
+                try:
+                    conn, hello = self._arrived.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if hello.world != ranks:
+                    refuse([conn], "wrong world size")
+                    raise Aborted("error", f"rank {hello.rank} on {hello.host} belongs to a torchrun world of "
+                                           f"{hello.world} ranks, but this run waits for {ranks} (--ranks)")
+                if hello.rank in got or not 0 <= hello.rank < ranks:
+                    refuse([conn], "duplicate rank")
+                    raise Aborted("error", f"rank {hello.rank} on {hello.host} connected, but this run "
+                                           "already has a rank by that number (a second torchrun?)")
+                got[hello.rank] = (conn, hello)
+        except Aborted as e:
+            refuse([c for c, _ in got.values()], str(e))
+            raise
+        finally:
+            self.close()
+        return [got[r] for r in sorted(got)]
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        host, port = self.address
+        # accept() does not return when its socket is closed under it: wake it with a connection.
+        with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1" if host in ("0.0.0.0", "") else host, port), timeout=1.0):
+            pass
+        self._listener.close()
+        while True:  # ranks that came but were not needed (a second torchrun) are told to go
+            try:
+                conn, _ = self._arrived.get_nowait()
+            except queue.Empty:
+                break
+            refuse([conn], "this run already has all its ranks")
+
+
+def refuse(conns: list[Any], reason: str) -> None:
+    for conn in conns:
+        with contextlib.suppress(Exception):
+            conn.send(Refused(reason))
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def instructions(address: tuple[str, int], ranks: int, key: str, generated: bool) -> str:
+    """What a person runs on each node, for the CLI to print."""
+    host, port = address
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+    env = f"PARALAB_AUTHKEY={key} " if generated else ""
+    tail = f"-m paralab.core.worker --controller {shlex.quote(f'{host}:{port}')}"
+    return (f"paralab: listening on {host}:{port}, waiting for {ranks} rank{'s' if ranks != 1 else ''}"
+            + ("" if generated else " (each node needs PARALAB_AUTHKEY set as it is here)") + ".\n"
+            f"paralab: on one machine run:\n"
+            f"  {env}torchrun --standalone --nproc-per-node {ranks} {tail}\n"
+            f"paralab: on several machines run on each (NODES × PER_NODE = {ranks}, FIRST_NODE: any one of them):\n"
+            f"  {env}torchrun --nnodes NODES --nproc-per-node PER_NODE --rdzv-backend c10d "
+            f"--rdzv-endpoint FIRST_NODE:29500 {tail}")
+
+
+# ---- rank side ---------------------------------------------------------------------------------
+
+
+class ControlReceiver(threading.Thread):
+    """Writes the controller's Controls into `shared` (indexed like the forked ranks'
+    RawArray, so worker.Control reads it unchanged) and notices when the controller is gone."""
+
+    def __init__(self, conn: Any, lr: float) -> None:
+        from .worker import LR
+
+        super().__init__(daemon=True, name="paralab-controls")
+        self.conn = conn
+        self.shared = [0.0, 0.0, 0.0]
+        self.shared[LR] = lr
+        self.gone = threading.Event()
+
+    def run(self) -> None:
+        from .worker import LR, PAUSED, STOP
+
+        while True:
+            try:
+                msg = self.conn.recv()
+            except Exception:  # end of file, reset, closed by the rank itself at its end
+                self.gone.set()
+                return
+            if isinstance(msg, Controls):
+                self.shared[STOP], self.shared[PAUSED], self.shared[LR] = msg.stop, msg.paused, msg.lr
+
+    def controller_alive(self) -> bool:
+        return not self.gone.is_set()
+
+
+def remote_main(argv: list[str] | None = None) -> int:
+    """`python -m paralab.core.worker --controller HOST:PORT`, run by torchrun."""
+    from . import worker
+
+    p = argparse.ArgumentParser(prog="python -m paralab.core.worker",
+                                description="A paralab rank started by torchrun: it trains for a controller "
+                                            "that waits with `paralab run --listen HOST:PORT --ranks N`.")
+    p.add_argument("--controller", required=True, metavar="HOST:PORT")
+    args = p.parse_args(argv)
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # cuda:N means the GPU NVML calls N
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    key = os.environ.get("PARALAB_AUTHKEY", "")
+    if not key:
+        return _fail(f"rank {rank}: set PARALAB_AUTHKEY to the key the controller printed")
+    try:
+        conn = _connect(parse_address(args.controller), key.encode(), rank)
+    except (ConfigError, OSError, AuthenticationError) as e:
+        return _fail(f"rank {rank}: cannot reach the controller at {args.controller}: {e}")
+    name, total = _gpu(local_rank)
+    conn.send(Hello(rank, world, local_rank, local_world, socket.gethostname(), os.getpid(), name, total))
+    try:
+        job = conn.recv()
+    except (EOFError, OSError):
+        return _fail(f"rank {rank}: the controller went away before sending a job")
+    if isinstance(job, Refused):
+        return _fail(f"rank {rank}: the controller refused this rank: {job.reason}")
+    job.t0 = time.perf_counter() - job.t0  # seconds since the run started -> this machine's clock
+    receiver = ControlReceiver(conn, RunConfig.from_dict(job.config).train.lr)
+    receiver.start()
+    done = worker.main(job, conn, receiver.shared, receiver.controller_alive)
+    return 0 if done.status in ("ok", "stopped") else 1
+
+
+def _connect(address: tuple[str, int], key: bytes, rank: int) -> Any:
+    deadline = time.monotonic() + CONNECT_RETRY_S
+    while True:
+        try:
+            return Client(address, authkey=key)
+        except (TimeoutError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def _gpu(local_rank: int) -> tuple[str, int]:
+    import torch
+
+    if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
+        return "", 0
+    props = torch.cuda.get_device_properties(local_rank)
+    return props.name, int(props.total_memory)
+
+
+def _fail(message: str) -> int:
+    print(f"paralab: {message}", file=sys.stderr)
+    return 2
