@@ -179,7 +179,7 @@ class Timeline(QWidget):
         if data.mode == "pipeline":
             p = len(data.devices)
             m = int(data.config.get("train", {}).get("micro_batches", 1))
-            text += (f"  ·  GPipe bubble (p−1)/(m+p−1) = ({p}−1)/({m}+{p}−1) = "
+            text += (f"  ·  pipeline bubble by formula (p−1)/(m+p−1) = ({p}−1)/({m}+{p}−1) = "
                      f"{bubble_formula(p, m):.0%}")
         return text
 
