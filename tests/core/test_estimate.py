@@ -7,7 +7,7 @@ import time
 
 import psutil
 import pytest
-from paralab.core import estimate as est_module
+from paralab.core import trace as trace_module
 from paralab.core.cli import main
 from paralab.core.config import RunConfig
 from paralab.core.estimate import EstimateError, compare, estimate
@@ -185,7 +185,7 @@ def test_a_trace_that_cannot_run_leaves_the_formula_and_says_why(monkeypatch, ca
     def broken(*args, **kwargs):
         raise RuntimeError("an op fake tensors lack")
 
-    monkeypatch.setattr(est_module, "_trace_rank", broken)
+    monkeypatch.setattr(trace_module, "_trace_rank", broken)
     cfg = config(mode="single", devices="sim:1", **TINY)
     result = estimate(cfg)
     assert list(result.by_method) == ["formula"] and result.to_json()["method"] == "formula"

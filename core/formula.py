@@ -1,0 +1,213 @@
+"""The formula: bytes from the model's shapes and the mode's rule for who holds what
+(replicated, sharded, split by layers).  Cheap and explainable, less exact than the trace."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ModelConfig, RunConfig
+from .devices import Device
+from .estimate import DeviceEstimate
+
+FLOAT = 4  # paralab trains in float32
+LONG = 8
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Bytes of a model, per layer: what the formula multiplies and adds."""
+
+    params: list[int]
+    """Parameter bytes of each layer."""
+    saved: list[float]
+    """Bytes autograd saves for backward per sample in each layer, each tensor once; a
+    layer's output that the next layer saves counts here, with the layer that made it."""
+    out: list[float]
+    """Output bytes per sample of each layer (what crosses to the next device)."""
+    io: float
+    """Input and target bytes per sample (both saved: by the first layer and by the loss)."""
+    unsaved: float
+    """Output bytes per sample that autograd does not keep (the transformer's logits), and
+    the loss (on the CPU, MSE's is a view of a buffer as large as the output)."""
+    split: float
+    """Per sample: the saved bytes of the blocks that tensor parallel splits."""
+    keeps_output: tuple[bool, ...]
+    """Per layer: whether the layer itself saves its output (a closing ReLU does)."""
+    fixed: float = 0.0
+    """Saved bytes that do not grow with the batch (the transformer's positions)."""
+    loss: float = 0.0
+    """Of `saved` on the last layer, per sample: what the loss keeps (output and target)."""
+
+
+def shapes(cfg: RunConfig) -> Shapes:
+    m = cfg.model
+    params = layer_params(cfg)
+    n = len(params)
+    if m.kind in ("linear", "split-nn"):
+        widths = [1] if m.kind == "linear" else [50, 20, 1]
+        d_in = 1 if m.kind == "linear" else 10
+        saved = [(d_in + w) * FLOAT for w in widths]
+        saved[-1] = (d_in if n == 1 else 0) * FLOAT + 2 * FLOAT  # the loss keeps output and target
+        return Shapes(params, saved, [w * FLOAT for w in widths], (d_in + 1) * FLOAT, FLOAT, 0.0,
+                      (False,) if n == 1 else (True, True, False), loss=2 * FLOAT)
+    if m.kind == "mlp":
+        w = m.width
+        # First layer: input and ReLU output; a block: its ReLU output (2w) and its own
+        # output, which the next layer saves; the loss: output and target.
+        saved = [(m.in_features + w) * FLOAT] + [3 * w * FLOAT] * m.depth + [2 * m.out_features * FLOAT]
+        out = [w * FLOAT] * (n - 1) + [m.out_features * FLOAT]
+        return Shapes(params, saved, out, (m.in_features + m.out_features) * FLOAT, m.out_features * FLOAT,
+                      m.depth * 2 * w * FLOAT, (True,) + (False,) * (n - 1), loss=2 * m.out_features * FLOAT)
+    d, t, v, h = m.width, m.seq_len, m.vocab, m.heads
+    # A block saves per token: 2 norm outputs, q k v, attention output, the residual, the
+    # 4d up-projection and its gelu, its own output (16 d); norm statistics (4) and
+    # attention's log-sum-exp (one per head).
+    block = t * (16 * d + 4 + h) * FLOAT
+    embed = t * (LONG + d * FLOAT)  # token ids, the summed embedding
+    head = t * ((d + v + 2) * FLOAT + LONG)  # norm output and statistics, log-softmax, targets
+    saved = [embed] + [block] * m.depth + [head]
+    out = [t * d * FLOAT] * (n - 1) + [t * v * FLOAT]
+    return Shapes(params, saved, out, 2 * t * LONG, t * v * FLOAT, m.depth * t * (12 * d + h) * FLOAT,
+                  (False,) * n, fixed=t * LONG + FLOAT, loss=t * (v * FLOAT + LONG))
+
+
+def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
+    """Bytes from shapes: who holds which parameters, and how many samples' activations.
+
+    The peak is taken where a run's is: at the end of a forward, with the last step's
+    gradients still alive (zero_grad comes after the forward), or after a backward."""
+    from .models import split_layers
+
+    t, n, mode = cfg.train, len(devices), cfg.mode
+    sh = shapes(cfg)
+    state = 2 if t.optimizer in ("adam", "adamw") else 0
+    B, total, everything = t.batch_size, sum(sh.params), range(len(sh.params))
+
+    def device(p: float, samples: float, layers: Iterable[int] = everything, other: float = 0.0,
+               grads: float | None = None, acts: float | None = None) -> dict[str, int]:
+        a = samples * sum(sh.saved[i] for i in layers) + sh.fixed if acts is None else acts
+        return {"params": int(p), "grads": int(p if grads is None else grads), "optimizer": int(state * p),
+                "activations": int(a), "other": int(other)}
+
+    per = B / n
+    slices = (B - per) * sh.io  # a rank's slice of the batch is a view: its storage is the whole batch
+    out: list[dict[str, int]] = []
+    whole = B * sum(sh.saved) + sh.fixed
+    if mode == "single":
+        out = [device(total, B, other=B * sh.unsaved)]
+    elif mode == "ddp":
+        # DDP's buckets: one more flat copy of the gradients.
+        out = [device(total, per, acts=whole - B * sum(sh.saved) + per * sum(sh.saved) + slices,
+                      other=per * sh.unsaved + total) for _ in devices]
+    elif mode == "fsdp":
+        shard = _sharded_bytes(cfg, n, lambda name, shape: 0)
+        gathered = 0 if cfg.placement.reshard_after_forward else total  # kept whole until backward
+        out = [device(shard[r], per, acts=sh.fixed + per * sum(sh.saved) + slices,
+                      other=per * sh.unsaved + gathered) for r in range(n)]
+    elif mode == "tensor-parallel":
+        shard = _sharded_bytes(cfg, n, _tensor_parallel_dim)
+        acts = whole - B * sh.split * (1 - 1 / n)
+        out = [device(shard[r], B, acts=acts, other=B * sh.unsaved) for r in range(n)]
+    elif mode == "data-parallel":
+        chunk = [len(c) for c in _chunks(B, n)] + [0] * n
+        # Device 0: the module, its gradients and state, chunk 0 (a view of the whole
+        # batch) and the gathered output; the others: a fresh replica and their chunk,
+        # then after backward the replica's gradients.
+        gather = B * sh.out[-1]
+        out = [device(total, chunk[0], other=(B - chunk[0]) * sh.io + gather + B * sh.unsaved)]
+        for k in range(1, n):
+            # The loss is taken on device 0: what it saves is not here, the output is.
+            fwd = device(total, chunk[k], grads=0, other=chunk[k] * sh.out[-1],
+                         acts=chunk[k] * (sum(sh.saved) - sh.loss))
+            fwd["optimizer"] = 0
+            bwd = {**fwd, "grads": total, "activations": 0}
+            out.append(max(fwd, bwd, key=lambda b: sum(b.values())))
+    elif mode in ("model-parallel", "pipeline"):
+        ranges = split_layers(len(sh.params), n, cfg.placement.split)
+        for s, layers in enumerate(ranges):
+            p = sum(sh.params[i] for i in layers)
+            first, last = layers.start == 0, s == n - 1
+            received = 0 if first else sh.out[layers.start - 1]  # the input copied in, saved here
+            saved = sum(sh.saved[i] for i in layers) + received
+            sent = sh.unsaved
+            if not last:  # the output the next device saves lives here unsaved, or saved by its own ReLU
+                end = layers.stop - 1
+                saved -= 0 if sh.keeps_output[end] else sh.out[end]
+                sent = 0 if sh.keeps_output[end] else sh.out[end]
+            fixed = sh.fixed if first or last else 0
+            if mode == "model-parallel":
+                out.append(device(p, B, layers, acts=B * saved + fixed, other=B * sent))
+                continue
+            m = t.micro_batches
+            in_flight = B if t.schedule == "gpipe" else min(m, n - s) * B / m
+            acts = in_flight * saved + fixed
+            buffers = 0 if last else B * sh.out[layers.stop - 1]  # a gradient buffer per micro-batch
+            # zero_grad runs before the schedule: gradients exist mid-step only once a
+            # micro-batch's backward has run, which 1F1B does before the last forward.
+            grads = p if t.schedule == "1f1b" and m > n - s else 0
+            fwd = device(p, in_flight, layers, grads=grads, acts=acts, other=buffers)
+            bwd = device(p, 0, layers, acts=0, other=buffers)
+            out.append(max(fwd, bwd, key=lambda b: sum(b.values())))
+    return [DeviceEstimate(d.index, d.label, sum(b.values()), b, d.capacity_bytes, "formula")
+            for d, b in zip(devices, out)]
+
+
+def _chunks(batch: int, n: int) -> list[range]:
+    size = -(-batch // n)  # torch.chunk's rule, as nn.DataParallel's scatter uses
+    return [range(i, min(i + size, batch)) for i in range(0, batch, size)]
+
+
+def _sharded_bytes(cfg: RunConfig, n: int, dim_of: Any) -> list[int]:
+    """Parameter bytes of each rank when every parameter is cut along the dim
+    `dim_of(name, shape)` gives (None: kept whole), padded as torch.chunk cuts."""
+    from .models import build_model
+
+    model = build_model(cfg.model, 0, device="meta")
+    out = [0] * n
+    for name, p in model.named_parameters():
+        shape, dim = tuple(p.shape), dim_of(name, tuple(p.shape))
+        if dim is None or dim >= len(shape):
+            for r in range(n):
+                out[r] += p.numel() * FLOAT
+            continue
+        rest = p.numel() // shape[dim]
+        for r in range(n):
+            # FSDP pads every shard to the largest (dim 0); DTensor keeps its chunk's size.
+            rows = -(-shape[dim] // n) if dim == 0 and cfg.mode == "fsdp" else chunk_len(shape[dim], n, r)
+            out[r] += rows * rest * FLOAT
+    return out
+
+
+def _tensor_parallel_dim(name: str, shape: tuple[int, ...]) -> int | None:
+    """The dim tensor parallel cuts: columns (dim 0) of a block's first Linear (fc1; q, k,
+    v; up), rows (dim 1) of its second (fc2; out; down), whose bias stays whole."""
+    leaf = name.split(".")[-2] if "." in name else ""
+    if leaf in ("fc1", "q", "k", "v", "up"):
+        return 0
+    if leaf in ("fc2", "out", "down"):
+        return 1 if name.endswith("weight") else None
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def meta_shapes(model: ModelConfig) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Each layer's parameter shapes, from a model on the meta device (nothing allocated)."""
+    from .models import build_model
+
+    built = build_model(model, 0, device="meta")
+    return tuple(tuple(tuple(p.shape) for p in layer.parameters()) for layer in built)
+
+
+def layer_params(cfg: RunConfig) -> list[int]:
+    """Parameter bytes of each layer."""
+    return [sum(math.prod(s) for s in layer) * FLOAT for layer in meta_shapes(cfg.model)]
+
+
+def chunk_len(n: int, world: int, r: int) -> int:
+    """Rows of chunk r when n rows are split in `world` chunks as DTensor splits them."""
+    size = -(-n // world)
+    return max(0, min(size, n - r * size))
