@@ -13,6 +13,9 @@ from .models import num_layers
 # Modes that split the global batch evenly over the devices.
 BATCH_SPLITTING = ("ddp", "fsdp")
 LAYER_SPLITTING = ("model-parallel", "pipeline")
+# On one shared GPU the ranks talk through gloo, which runs only all-reduce and broadcast
+# on CUDA tensors: DDP and tensor parallel need no more; these need what it lacks.
+GLOO_CUDA_UNSUPPORTED = ("pipeline", "fsdp")
 
 
 def problems(cfg: RunConfig, *, resolve_devices: bool = True) -> list[str]:
@@ -77,11 +80,23 @@ def _device_count(cfg: RunConfig, resolve_devices: bool, out: list[str]) -> int 
         return None
 
 
+def _shares_a_gpu(spec: str) -> bool:
+    from .devices import parse_spec
+
+    parsed = parse_spec(spec)
+    return parsed.kind == "cuda" and parsed.share > 1
+
+
 def layout_problems(cfg: RunConfig, n: int) -> list[str]:
     """Mode × devices × batch × layers, for n logical devices."""
     out: list[str] = []
     t, mode = cfg.train, cfg.mode
     layers = num_layers(cfg.model)
+    if mode in GLOO_CUDA_UNSUPPORTED and n > 1 and _shares_a_gpu(cfg.devices):
+        out.append(f"{mode} cannot run on logical devices that share one GPU ({cfg.devices}): NCCL will not "
+                   "put two ranks on one GPU, and gloo has no CUDA "
+                   + ("send/receive" if mode == "pipeline" else "all-gather/reduce-scatter")
+                   + "; use distinct GPUs (cuda:0,1) or simulated devices (sim:N)")
     if mode == "single" and n != 1:
         out.append(f"mode single runs on one device, but devices {cfg.devices!r} names {n}; use sim:1 or cuda:0")
     if mode in BATCH_SPLITTING and t.batch_size % n:

@@ -68,6 +68,13 @@ def test_validate_explains(overrides, words):
     assert any(words in p for p in problems), problems
 
 
+@pytest.mark.parametrize("mode, ok", [("fsdp", False), ("pipeline", False), ("ddp", True), ("tensor-parallel", True)])
+def test_shared_gpu_refuses_what_gloo_cannot_do_on_cuda(mode, ok):
+    cfg = RunConfig(mode=mode, devices="cuda:0x2").with_overrides({"model.kind": "mlp"})
+    problems = cfg.validate(resolve_devices=False)
+    assert (not any("share one GPU" in p for p in problems)) == ok, problems
+
+
 def test_every_field_has_a_doc():
     docs = field_docs()
     assert set(docs) == set(keys())
