@@ -139,6 +139,7 @@ class Run:
         try:
             if self.listener is not None:  # the ranks first: their GPUs are the run's devices
                 self.ended = supervisor.gather()
+                t0 = supervisor.t0 = perf_counter()  # times count from when the ranks are all here
             start = self._started()
             if writer:
                 writer.write([start])
@@ -363,11 +364,17 @@ class _Supervisor:
             self.progress = {r: (s, now) for r, (s, _) in self.progress.items()}
             return
         timeout = run.config.telemetry.hang_timeout_s
-        stalled = [r for r, (_, seen) in self.progress.items() if r not in self.done
-                   and now - seen > (timeout if r in self.training else max(timeout, SETUP_TIMEOUT_S))]
-        if not stalled or self.failure_at is not None:
+        alive = [r for r in self.progress if r not in self.done]
+        overdue = [r for r in alive if now - self.progress[r][1]
+                   > (timeout if r in self.training else max(timeout, SETUP_TIMEOUT_S))]
+        if not overdue or self.failure_at is not None:
             return
-        culprit = next((r for r in stalled if "/torch/" not in self.where.get(r, "/torch/")), min(stalled))
+        # Everyone stuck at or before the overdue step is a suspect; ranks report at
+        # different moments, so the one to blame may not be overdue itself yet.
+        last = max(self.progress[r][0] for r in overdue)
+        suspects = sorted(r for r in alive if self.progress[r][0] <= last)
+        culprit = next((r for r in suspects if "/torch/" not in self.where.get(r, "/torch/")),
+                       min(suspects, key=lambda r: (self.progress[r][0], r)))
         step = self.progress[culprit][0]
         device = self._device_of(culprit)
         where = self.where.get(culprit, "").split(" @ ")[0]
