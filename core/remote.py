@@ -31,6 +31,7 @@ import os
 import queue
 import secrets
 import shlex
+import signal
 import socket
 import sys
 import threading
@@ -206,14 +207,14 @@ class RankListener:
                     conn, hello = self._arrived.get(timeout=0.1)
                 except queue.Empty:
                     continue
-                if hello.world != ranks:
-                    refuse([conn], "wrong world size")
-                    raise Aborted("error", f"rank {hello.rank} on {hello.host} belongs to a torchrun world of "
-                                           f"{hello.world} ranks, but this run waits for {ranks} (--ranks)")
-                if hello.rank in got or not 0 <= hello.rank < ranks:
-                    refuse([conn], "duplicate rank")
-                    raise Aborted("error", f"rank {hello.rank} on {hello.host} connected, but this run "
-                                           "already has a rank by that number (a second torchrun?)")
+                wrong = (f"rank {hello.rank} on {hello.host} belongs to a torchrun world of {hello.world} "
+                         f"ranks, but this run waits for {ranks} (--ranks)" if hello.world != ranks
+                         else f"rank {hello.rank} on {hello.host} connected, but this run already has a rank "
+                              "by that number (a second torchrun?)" if hello.rank in got or not 0 <= hello.rank < ranks
+                         else "")
+                if wrong:
+                    refuse([conn], wrong)
+                    raise Aborted("error", wrong)
                 got[hello.rank] = (conn, hello)
         except Aborted as e:
             refuse([c for c, _ in got.values()], str(e))
@@ -327,6 +328,9 @@ def remote_main(argv: list[str] | None = None) -> int:
     job.t0 = time.perf_counter() - job.t0  # seconds since the run started -> this machine's clock
     receiver = ControlReceiver(conn, RunConfig.from_dict(job.config).train.lr)
     receiver.start()
+    # torchrun ends the other ranks with SIGTERM when one fails: such a rank reports that it
+    # was stopped, so that the controller blames the one that failed, not the ones it took along.
+    signal.signal(signal.SIGTERM, _terminated)
     done = worker.main(job, conn, receiver.shared, receiver.controller_alive)
     return 0 if done.status in ("ok", "stopped") else 1
 
@@ -349,6 +353,10 @@ def _gpu(local_rank: int) -> tuple[str, int]:
         return "", 0
     props = torch.cuda.get_device_properties(local_rank)
     return props.name, int(props.total_memory)
+
+
+def _terminated(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt("ended by torchrun")  # worker.main reports it as stopped
 
 
 def _fail(message: str) -> int:

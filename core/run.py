@@ -207,6 +207,8 @@ class _Supervisor:
         self.loss_ranks = {run.world - 1} if strategy.loss_from_last_rank else set(range(run.world))
         self._pending: dict[int, list[tuple[float, float, float]]] = {}
         self._last_step: tuple[int, float] | None = None
+        self.vanished: set[int] = set()
+        """Ranks that ended without a word (killed, crashed): the cause of their peers' errors."""
         self.remote: list[tuple[Any, remote.Hello]] = []
         """Listen mode: (connection, hello) of each torchrun rank, by rank."""
         self._sent_controls: tuple[float, ...] | None = None
@@ -290,6 +292,7 @@ class _Supervisor:
                 del self.readers[reader]
                 if rank not in self.done:
                     self.done[rank] = self._death(rank)
+                    self.vanished.add(rank)
                     self.failure_at = self.failure_at or perf_counter()
         self._check(out)
         return out
@@ -390,8 +393,10 @@ class _Supervisor:
         if worst is None or (self.stop_at is not None and (worst.status in ("ok", "stopped"))):
             return RunEnded("stopped", f"stopped by request after step {self.steps_done}", None, t, self.steps_done)
         if worst.status in ("oom", "error"):
-            # The first failure is the cause; others (broken collectives) are consequences.
-            first = next(d for d in self.done.values() if d.status in ("oom", "error"))
+            # The first failure is the cause; others (broken collectives) are consequences.  A rank
+            # that vanished is the cause even when a peer's error about it came in first.
+            failures = [d for d in self.done.values() if d.status in ("oom", "error")]
+            first = next((d for d in failures if d.rank in self.vanished), failures[0])
             cause = first if first.status == "oom" or worst.status != "oom" else worst
             return RunEnded(cause.status, cause.message, cause.device, t, self.steps_done, cause.phase)
         status = "stopped" if any(d.status == "stopped" for d in done) else "ok"

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from paralab.core.config import RunConfig
-from paralab.core.events import MemorySample, RunEnded, StepDone, read_events
+from paralab.core.events import MemorySample, RunEnded, RunStarted, StepDone, read_events
 from paralab.core.run import Run
 
 from tests.helpers import ended, losses, run_events
@@ -95,18 +95,44 @@ def test_cli_controller_and_torchrun_ranks_train_like_forked_ranks(tmp_path):
     assert times == sorted(times) and 0 < times[0] < ended(events).time_s  # the ranks' clocks, shifted to ours
 
 
-def test_a_killed_torchrun_rank_ends_the_run_naming_it():
+def test_controls_reach_torchrun_ranks_and_a_killed_rank_is_named():
     cfg = RunConfig().with_overrides({**TINY, "train.steps": 100000})
     run = Run(cfg, listen="127.0.0.1:0", ranks=2, connect_timeout_s=120)
     ranks = _torchrun(run.listener.address[1], run.authkey)
     family: list[psutil.Process] = []
+    phase, step, since, held = "start", 0, 0.0, []
+    deadline = time.monotonic() + 120
+    lags = []
     try:
         for e in run.events():
-            if isinstance(e, StepDone) and e.step == 3 and not family:
+            step = e.step if isinstance(e, StepDone) else step
+            now = time.monotonic()
+            assert now < deadline, f"stuck at {phase}, step {step}"
+            if isinstance(e, RunStarted):
+                start_wall = e.time
+            if isinstance(e, StepDone) and phase in ("start", "lr"):  # the ranks' times, on our clock:
+                lags.append(time.time() - start_wall - e.time_s)
+            if phase == "start" and step >= 2:  # controls travel over the ranks' connections
+                run.set_lr(0.125)
+                phase = "lr"
+            elif phase == "lr" and isinstance(e, StepDone) and e.lr == 0.125:
+                run.pause()
+                phase, since = "paused", now
+            elif phase == "paused" and now - since > 1.0 + 0.5 * len(held):
+                held.append(step)
+                if len(held) == 2:
+                    assert held[0] == held[1], f"steps went on while paused: {held}"
+                    run.resume()
+                    phase = "resumed"
+            elif phase == "resumed" and step > held[-1] + 2:
                 family = psutil.Process(ranks.pid).children(recursive=True)
                 victim = run.remote_ranks[1].pid
                 assert victim in [p.pid for p in family]
                 os.kill(victim, signal.SIGKILL)
+                phase = "killed"
+        assert phase == "killed", phase
+        # ...sent a little after they happened (RunStarted.time is read a moment after the clock starts)
+        assert -0.05 < min(lags) and max(lags) < 1.0, (min(lags), max(lags))
         end = run.ended
         assert isinstance(end, RunEnded) and end.status == "error", end
         assert end.device == 1 and end.message.startswith("rank 1 (sim1)") and str(victim) in end.message
@@ -116,7 +142,7 @@ def test_a_killed_torchrun_rank_ends_the_run_naming_it():
     finally:
         if ranks.poll() is None:
             ranks.kill()
-            ranks.communicate()
+        ranks.communicate()
 
 
 def test_ranks_end_when_their_controller_dies(tmp_path):
