@@ -207,11 +207,7 @@ class RankListener:
                     conn, hello = self._arrived.get(timeout=0.1)
                 except queue.Empty:
                     continue
-                wrong = (f"rank {hello.rank} on {hello.host} belongs to a torchrun world of {hello.world} "
-                         f"ranks, but this run waits for {ranks} (--ranks)" if hello.world != ranks
-                         else f"rank {hello.rank} on {hello.host} connected, but this run already has a rank "
-                              "by that number (a second torchrun?)" if hello.rank in got or not 0 <= hello.rank < ranks
-                         else "")
+                wrong = _misfit(hello, ranks, got)
                 if wrong:
                     refuse([conn], wrong)
                     raise Aborted("error", wrong)
@@ -239,6 +235,17 @@ class RankListener:
             except queue.Empty:
                 break
             refuse([conn], "this run already has all its ranks")
+
+
+def _misfit(hello: Hello, ranks: int, got: dict[int, Any]) -> str:
+    """Why this rank does not belong to the run ('' when it does)."""
+    if hello.world != ranks:
+        return (f"rank {hello.rank} on {hello.host} belongs to a torchrun world of {hello.world} ranks, "
+                f"but this run waits for {ranks} (--ranks)")
+    if hello.rank in got or not 0 <= hello.rank < ranks:
+        return (f"rank {hello.rank} on {hello.host} connected, but this run already has a rank by that "
+                "number (a second torchrun?)")
+    return ""
 
 
 def refuse(conns: list[Any], reason: str) -> None:
