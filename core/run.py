@@ -290,6 +290,8 @@ class _Supervisor:
                     self._take(reader.recv(), out)
             except (EOFError, OSError):
                 del self.readers[reader]
+                with contextlib.suppress(OSError):
+                    reader.close()
                 if rank not in self.done:
                     self.done[rank] = self._death(rank)
                     self.vanished.add(rank)

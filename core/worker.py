@@ -15,12 +15,14 @@ Under torchrun the same `main` runs with the rendezvous from the environment.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -222,11 +224,15 @@ class Control:
         self._last_sync_time, self._last_sync_step = perf_counter(), step
         return bool(msg[0]), bool(msg[1]), float(msg[2]), int(msg[3]), bool(msg[4])
 
-    def poll(self, step: int, heartbeat: Heartbeat) -> tuple[bool, float | None, bool]:
-        """(stop, new lr or None, sample this step); blocks while paused."""
+    def poll(self, step: int, heartbeat: Heartbeat,
+             on_pause: Callable[[], None] | None = None) -> tuple[bool, float | None, bool]:
+        """(stop, new lr or None, sample this step); blocks while paused, after calling
+        `on_pause` (the loop sends what it holds, so the last steps show during the pause)."""
         if step < self.next_sync:
             return False, None, step <= 3
         stop, paused, lr, interval, sample = self._read(step)
+        if paused and not stop and on_pause is not None:
+            on_pause()
         while paused and not stop:
             heartbeat.paused = True
             time.sleep(0.05)
@@ -349,7 +355,7 @@ def _loop(ctx: RankContext, trainer: Any, probe: Probe, control: Control, channe
 
     step = 0
     for step in range(1, steps + 1):
-        stop, new_lr, sample = control.poll(step, heartbeat)
+        stop, new_lr, sample = control.poll(step, heartbeat, on_pause=functools.partial(flush, step - 1))
         if stop:
             flush(step - 1)
             return RankDone(ctx.rank, "stopped", f"stopped after step {step - 1}", steps=step - 1)
