@@ -7,6 +7,10 @@
    (memory, spans, utilization at 4 Hz) against paralab with sampling off (only the
    first steps sampled).  Target >= 0.97.
 
+3. paralab's own per-step cost, without the noise of a shared machine: its training loop
+   (controls, sampling decision, loss kept for batched read-back, flushes, phase marks)
+   run around a step that does nothing, in microseconds, against the seed's step time.
+
 paralab's steps/s is read from its own step events (first to last step), so process
 start-up is not counted here; benchmarks/startup.py measures that.  On a shared machine
 other work only ever slows a run down, so each side's best of the repeats is its speed
@@ -56,6 +60,47 @@ def paralab_steps_per_s(overrides: dict) -> float:
     return (last.step - first.step) / (last.time_s - first.time_s)
 
 
+def loop_machinery_us(steps: int = 200_000) -> float:
+    """Microseconds per step of paralab's rank loop around a step that does nothing."""
+    import multiprocessing as mp
+
+    from paralab.core import worker
+    from paralab.core.devices import resolve
+    from paralab.core.memory import MemoryLedger
+    from paralab.core.parallel import Trainer
+
+    class Nowhere:
+        def send(self, _message) -> None:
+            pass
+
+    cfg = presets.load("seed-data-parallel").with_overrides(
+        {"mode": "single", "devices": "sim:1", "train.steps": steps})
+    devices = resolve("sim:1", cfg.sim.memory)
+    job = worker.RankJob(cfg.to_dict(), devices, 0, 1, time.perf_counter(), 1)
+    ctx = worker.RankContext(job, cfg, devices, MemoryLedger(devices))
+    probe = worker.Probe(ctx)
+    shared = mp.RawArray("d", 3)
+    shared[worker.LR] = cfg.train.lr
+    loss = torch.tensor(1.0)
+
+    def step(_i, p):
+        with p.phase(0, "forward"):
+            pass
+        with p.phase(0, "backward"):
+            pass
+        with p.phase(0, "optimizer"):
+            pass
+        return loss
+
+    best = float("inf")
+    for _ in range(3):
+        control = worker.Control(shared, 1, cfg.train.lr, cfg.telemetry.interval_s)
+        start = time.perf_counter()
+        worker._loop(ctx, Trainer(step, []), probe, control, Nowhere(), worker.Heartbeat(0, Nowhere(), 1))
+        best = min(best, (time.perf_counter() - start) / steps * 1e6)
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=20000)
@@ -77,6 +122,10 @@ def main() -> None:
     print(f"paralab run (single)    best {max(ours_all):6.0f} steps/s   median {statistics.median(ours_all):6.0f}")
     print(f"ratio paralab / bare    {max(ours_all) / max(bare_all):.3f} (best/best; target >= 0.95)   "
           "pairwise: " + ", ".join(f"{r:.3f}" for r in ratios))
+    machinery = loop_machinery_us()
+    seed_us = 1e6 / max(bare_all)
+    print(f"paralab's loop itself   {machinery:.1f} us per step = {machinery / seed_us:.1%} of the seed's "
+          f"{seed_us:.0f} us step (ratio {seed_us / (seed_us + machinery):.3f} without the machine's noise)")
 
     for mode in args.modes.split(","):
         devices = "sim:1" if mode == "single" else "sim:2"

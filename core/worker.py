@@ -182,6 +182,9 @@ class RankContext:
 # ---- control ---------------------------------------------------------------------------------
 
 STOP, PAUSED, LR = 0, 1, 2
+SYNC_S = 0.02
+"""Controls are read (and, with several ranks, agreed) about this often: the latency of
+pause, stop and a new learning rate, and the finest sampling granularity."""
 
 
 class Control:
@@ -210,18 +213,17 @@ class Control:
         stop, paused, lr = bool(self.shared[STOP]), bool(self.shared[PAUSED]), float(self.shared[LR])
         now = perf_counter()
         sample = step <= 3 or now - self._last_sample >= self.sample_interval
+        # Sync about every SYNC_S of training: rank 0 picks the next interval from its step time.
+        per_step = (now - self._last_sync_time) / max(step - self._last_sync_step, 1)
+        interval = int(min(max(SYNC_S / max(per_step, 1e-6), 1), 1000))
+        self._last_sync_time, self._last_sync_step = now, step
         if self.world == 1:
-            return stop, paused, lr, 1, sample
+            return stop, paused, lr, interval, sample
         import torch
         import torch.distributed as dist
 
-        # Sync about every 50 ms of training: rank 0 picks the next interval from its step time.
-        elapsed = perf_counter() - self._last_sync_time
-        per_step = elapsed / max(step - self._last_sync_step, 1)
-        interval = int(min(max(0.05 / max(per_step, 1e-6), 1), 1000))
         msg = torch.tensor([float(stop), float(paused), lr, float(interval), float(sample)], dtype=torch.float64)
         dist.broadcast(msg, src=0, group=self._group)
-        self._last_sync_time, self._last_sync_step = perf_counter(), step
         return bool(msg[0]), bool(msg[1]), float(msg[2]), int(msg[3]), bool(msg[4])
 
     def poll(self, step: int, heartbeat: Heartbeat,
@@ -320,6 +322,7 @@ def _run(job: RankJob, channel: Channel, shared: Any, heartbeat: Heartbeat, stat
     from .parallel import STRATEGIES
 
     cfg = RunConfig.from_dict(job.config)
+    # The ranks of a machine share its cores.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // (job.local_world or job.world)))
     local = _local_devices(job, cfg)
     _setup_cuda(local)
@@ -348,7 +351,7 @@ def _loop(ctx: RankContext, trainer: Any, probe: Probe, control: Control, channe
     def flush(step: int) -> None:
         nonlocal pending, losses
         if losses:
-            pending.losses = torch.stack([x.float() for x in losses]).cpu().tolist()
+            pending.losses = torch.stack(losses).float().cpu().tolist()
         pending.progress = step
         channel.send(pending)
         pending, losses = Batch(ctx.rank, step), []
