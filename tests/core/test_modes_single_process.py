@@ -77,7 +77,7 @@ def test_seed_data_parallel_learns_y_equals_3x(no_leftover_ranks):
     # Adam's steps do not depend on how many follow: step 500 of 1500 is the seed's last epoch.
     events = run_events(cfg, devices="sim:2", train__steps=1500)
     curve = losses(events)
-    assert curve[0] > 10 and curve[99] < curve[0] and curve[cfg.train.steps - 1] < 0.6
+    assert curve[0] > 10 and curve[99] < curve[0] and 0.25 < curve[cfg.train.steps - 1] < 0.5
     assert curve[-1] == pytest.approx(0.25, abs=0.02)  # the noise's variance: nothing more to learn
     end = ended(events)
     assert end.status == "ok"
