@@ -168,6 +168,8 @@ class DeviceView(QWidget):
             oom = None
             if overflow and overflow[0] == i:
                 oom = f"out of memory: {overflow[1]}" if overflow[1] else "out of memory"
+            elif overflow and d.last and d.capacity_bytes and sum(d.last.bytes.values()) > d.capacity_bytes:
+                oom = "over capacity too"  # the run names one device; this one overflowed as well
             g = self.gauges[i]
             g.set_state(d.label, d.capacity_bytes, d.last.bytes if d.last else {}, d.peak_bytes, oom)
             g.set_predicted(self._predicted(i))

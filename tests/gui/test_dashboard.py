@@ -278,6 +278,26 @@ def test_device_view_names_the_overflowing_category(qtbot):
     view.grab()  # paints the red state without error
 
 
+def test_device_view_marks_every_device_past_its_capacity(qtbot):
+    from paralab.gui.device_view import DeviceView
+
+    view = DeviceView()
+    qtbot.addWidget(view)
+    data = RunData()
+    data.reset(start(3, capacity=64 * MIB))
+    def sample(device, **bytes_):
+        b = {c: bytes_.get(c, 0) for c in CATEGORIES}
+        return MemorySample(1, device, b, sum(b.values()), 64 * MIB, 0.1)
+
+    data.add([sample(0, params=40 * MIB, optimizer=40 * MIB),  # past 64 MiB as well
+              sample(1, params=40 * MIB, optimizer=40 * MIB),
+              sample(2, params=10 * MIB),
+              RunEnded("oom", "sim1 ran out of memory in optimizer: optimizer pushed it to 80.0 MiB "
+                              "of its 64.0 MiB capacity", 1, 2.0, 1, "optimizer")])
+    view.refresh(data)
+    assert [g.oom for g in view.gauges] == ["over capacity too", "out of memory: optimizer", None]
+
+
 def test_device_view_oom_without_a_category_in_the_message(qtbot):
     from paralab.gui.device_view import DeviceView
 
