@@ -51,6 +51,7 @@ from ..core.config import (
 )
 from ..core.models import layer_names, split_layers
 from ..core.run import context as run_context
+from ..core.worker import name_process
 
 # Two lines per mode: what it does, then what to watch while it runs.
 MODE_NOTES = {
@@ -98,7 +99,8 @@ class _EstimateProcess:
 
         with self._lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=run_context())
+                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=run_context(),
+                                                 initializer=name_process, initargs=("paralab-predict",))
             pool = self._pool
         try:
             return pool.submit(estimate, cfg, "both").result()

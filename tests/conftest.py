@@ -25,7 +25,8 @@ def pytest_collection_modifyitems(config, items):
 def no_leftover_ranks():
     """Fails the test if a rank process it started is still alive afterwards.
 
-    multiprocessing's forkserver and resource tracker (helpers shared by all runs) are not ranks."""
+    Only ranks count: multiprocessing's forkserver and resource tracker and the app's
+    prediction process are helpers that outlive a run on purpose."""
     yield
     me = psutil.Process()
     import time
@@ -40,17 +41,9 @@ def no_leftover_ranks():
 
 
 def _is_rank(p: psutil.Process) -> bool:
-    """Ranks are forked by the forkserver, so they carry its command line; the forkserver
-    itself is the one whose parent is not a forkserver."""
+    """Ranks name themselves paralab-rankN (core.worker.name_process)."""
     try:
-        if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE:
-            return False
-        cmd = " ".join(p.cmdline())
-        if "resource_tracker" in cmd:
-            return False
-        if "forkserver" in cmd:
-            parent = p.parent()
-            return parent is not None and "forkserver" in " ".join(parent.cmdline())
-        return True
+        return (p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                and p.name().startswith("paralab-rank"))
     except psutil.Error:
         return False

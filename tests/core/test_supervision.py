@@ -128,19 +128,45 @@ def test_rank_exception_is_reported(kind, no_leftover_ranks):
     assert end.status == "error" and end.device == 0 and "injected fault" in end.message
 
 
+def _pretend_rank(seconds: float) -> None:
+    from paralab.core.worker import RANK_NAME, name_process
+
+    name_process(f"{RANK_NAME}7")
+    time.sleep(seconds)
+
+
 def test_the_leftover_check_sees_a_forked_rank():
     """The fixture that guards every test above must be able to fail."""
-    import time as _time
-
     from paralab.core.run import context
 
     from tests.conftest import _is_rank
 
-    p = context().Process(target=_time.sleep, args=(30,), daemon=True)
+    p = context().Process(target=_pretend_rank, args=(30,), daemon=True)
     p.start()
     try:
-        ranks = [c for c in psutil.Process().children(recursive=True) if _is_rank(c)]
-        assert p.pid in [r.pid for r in ranks]
+        deadline = time.time() + 30
+        while not any(c.pid == p.pid and _is_rank(c) for c in psutil.Process().children(recursive=True)):
+            assert time.time() < deadline, "the check never saw the rank"
+            time.sleep(0.1)
     finally:
         p.kill()
         p.join()
+
+
+def test_ranks_carry_their_name(no_leftover_ranks):
+    """What the check relies on: a real run's ranks are named paralab-rankN."""
+    import threading
+
+    run = Run(DDP)
+    names: list[str] = []
+
+    def watch():
+        for e in run.events():
+            if isinstance(e, StepDone) and not names:
+                names.extend(psutil.Process(pid).name() for pid in run.pids())
+                run.stop()
+
+    t = threading.Thread(target=watch)
+    t.start()
+    t.join(timeout=120)
+    assert sorted(names) == ["paralab-rank0", "paralab-rank1"]
