@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import TrainConfig
+from ..config import RunConfig, TrainConfig
+from ..models import loss_fn
 
 if TYPE_CHECKING:
     from ..worker import Probe, RankContext
@@ -69,6 +70,26 @@ STRATEGIES: dict[str, Strategy] = {
 
 def world_size(mode: str, n_devices: int) -> int:
     return n_devices if STRATEGIES[mode].one_process_per_device else 1
+
+
+def standard_step(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, probe: Probe,
+                  device: int, x: torch.Tensor, y: torch.Tensor,
+                  also_held: Callable[[], list[torch.Tensor]] | None = None) -> torch.Tensor:
+    """One training step as the seeds write it, each phase under the probe: forward and
+    loss; zero_grad (so last step's gradients live through the forward, as in the seeds);
+    backward; optimizer step.  `also_held` names more tensors the device holds as `other`
+    (asked only on sampled steps)."""
+    with probe.phase(device, "forward"):
+        out = model(x)
+        loss = loss_fn(cfg.model, out, y)
+        if probe.active:
+            probe.other(device, x, y, out, loss, *(also_held() if also_held else ()))
+    with probe.phase(device, "backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with probe.phase(device, "optimizer"):
+        optimizer.step()
+    return loss
 
 
 def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:

@@ -34,8 +34,8 @@ except ImportError:  # older torch: train untimed
     DefaultAllGather = DefaultReduceScatter = None
 
 from ..data import make_dataset
-from ..models import build_model, loss_fn
-from . import Trainer, make_optimizer
+from ..models import build_model
+from . import Trainer, make_optimizer, standard_step
 
 # A Linear on a 3-D input returns a view of its 2-D matmul, so FSDP2 warns that an in-place
 # op on that output would skip its hook; paralab's models never modify a layer's output in
@@ -71,16 +71,7 @@ def apply_fsdp(ctx) -> Trainer:
     def step(i, probe):
         x, y = data.shard(i, cfg.train.batch_size, rank, ctx.world)
         timer.probe = probe if probe.active else None
-        with probe.phase(d, "forward"):
-            out = model(x)
-            loss = loss_fn(cfg.model, out, y)
-            probe.other(d, x, y, out, loss, *gathered())
-        with probe.phase(d, "backward"):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with probe.phase(d, "optimizer"):
-            optimizer.step()
-        return loss
+        return standard_step(cfg, model, optimizer, probe, d, x, y, also_held=gathered)
 
     return Trainer(step, [optimizer])
 

@@ -4,8 +4,8 @@ other mode must match step for step."""
 from __future__ import annotations
 
 from ..data import make_dataset
-from ..models import build_model, loss_fn
-from . import Trainer, learned_line, make_optimizer
+from ..models import build_model
+from . import Trainer, learned_line, make_optimizer, standard_step
 
 
 def apply_single(ctx) -> Trainer:
@@ -20,16 +20,6 @@ def apply_single(ctx) -> Trainer:
 
     def step(i, probe):
         x, y = data.batch(i, batch_size)
-        with probe.phase(d, "forward"):
-            out = model(x)
-            loss = loss_fn(cfg.model, out, y)
-            probe.other(d, x, y, out, loss)
-        with probe.phase(d, "backward"):
-            # As in the seeds: last step's gradients live through this forward.
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with probe.phase(d, "optimizer"):
-            optimizer.step()
-        return loss
+        return standard_step(cfg, model, optimizer, probe, d, x, y)
 
     return Trainer(step, [optimizer], learned_line(model))

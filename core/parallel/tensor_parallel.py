@@ -25,8 +25,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from ..data import make_dataset
-from ..models import ResidualMLPBlock, TransformerBlock, build_model, loss_fn
-from . import Trainer, make_optimizer
+from ..models import ResidualMLPBlock, TransformerBlock, build_model
+from . import Trainer, make_optimizer, standard_step
 
 
 def _plan(block):
@@ -57,15 +57,6 @@ def apply_tensor_parallel(ctx) -> Trainer:
 
     def step(i, probe):
         x, y = data.batch(i, cfg.train.batch_size)  # the whole batch on every device
-        with probe.phase(d, "forward"):
-            out = model(x)
-            loss = loss_fn(cfg.model, out, y)
-            probe.other(d, x, y, out, loss)
-        with probe.phase(d, "backward"):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with probe.phase(d, "optimizer"):
-            optimizer.step()
-        return loss
+        return standard_step(cfg, model, optimizer, probe, d, x, y)
 
     return Trainer(step, [optimizer])
