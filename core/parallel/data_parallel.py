@@ -109,14 +109,7 @@ def _device_by_device(ctx, model: nn.Module, optimizer, data):
         # The replicas die here, as DataParallel's do after backward: drop all that leads to them.
         loss = loss.detach()
         del replicas, outs, out_grads, out, gathered
-        if probe.active:
-            for d in others:
-                ledger.set_params([], d.index)
-
-        start = perf_counter()
-        with probe.phase(first.index, "optimizer"):
-            optimizer.step()
-        _spans(probe, others, "idle", start)
+        _optimizer_step(probe, ledger, optimizer, first, others)
         _spans(probe, unused, "idle", step_start)  # no samples left for them: they wait all step
         return loss
 
@@ -200,13 +193,19 @@ def _nn_data_parallel(ctx, model: nn.Module, optimizer, data):
             # Autograd runs every replica's backward on its own GPU, then the reduce onto device 0.
             loss.backward()
         _spans(probe, others, "backward", start)
-        if probe.active:
-            for d in others:
-                ledger.set_params([], d.index)
-        start = perf_counter()
-        with probe.phase(first.index, "optimizer"):
-            optimizer.step()
-        _spans(probe, others, "idle", start)
+        _optimizer_step(probe, ledger, optimizer, first, others)
         return loss.detach()
 
     return step
+
+
+def _optimizer_step(probe, ledger, optimizer, first, others) -> None:
+    """After backward the replicas are gone (the ledger stops counting them); device 0
+    steps the optimizer while the others wait."""
+    if probe.active:
+        for d in others:
+            ledger.set_params([], d.index)
+    start = perf_counter()
+    with probe.phase(first.index, "optimizer"):
+        optimizer.step()
+    _spans(probe, others, "idle", start)
