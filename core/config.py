@@ -61,12 +61,25 @@ class Bytes(int):
     def human(self) -> str:
         return human_bytes(int(self))
 
+    def exact(self) -> str:
+        """The largest unit that writes this size without rounding ('3000MiB', not 2.9GiB)."""
+        for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if int(self) and int(self) % size == 0:
+                return f"{int(self) // size}{unit}"
+        return str(int(self))
 
-def human_bytes(n: float) -> str:
+
+def human_bytes(n: float, exact_against: float | None = None) -> str:
+    """'2.9 GiB'.  With `exact_against`, as many decimals as it takes for two different
+    sizes not to read the same ('7.63 MiB of its 7.65 MiB', never '7.6 MiB of its 7.6 MiB')."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
             value = n / size
-            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+            digits = 1 if value < 100 else 0
+            while exact_against is not None and exact_against != n and digits < 9 and \
+                    f"{value:.{digits}f}" == f"{exact_against / size:.{digits}f}":
+                digits += 1
+            return f"{value:.{digits}f} {unit}"
     return f"{int(n)} B"
 
 
@@ -342,7 +355,7 @@ def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, Bytes):
-        return obj.human().replace(" ", "").replace(".0", "") if int(obj) % 2**20 == 0 else int(obj)
+        return obj.exact() if int(obj) % 2**20 == 0 else int(obj)
     if isinstance(obj, tuple):
         return list(obj)
     return obj

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
-CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
+CATEGORIES = ("params", "grads", "optimizer", "activations", "temporaries", "other")
 PHASES = ("forward", "backward", "optimizer", "communication", "idle")
 END_STATUSES = ("ok", "oom", "error", "stopped")
 
@@ -54,7 +54,9 @@ class MemorySample:
     capacity_bytes: int
     time_s: float = 0.0
     phase: str = ""
-    """The phase at whose end this step's highest total was reached."""
+    """The phase in which this step's highest total was reached."""
+    op: str = ""
+    """Simulated devices: the operation whose allocation reached it (e.g. 'mm')."""
     extra: dict[str, int] = field(default_factory=dict)
     """CUDA only: reserved, non_torch (NVML used - reserved)."""
 

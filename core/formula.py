@@ -88,10 +88,10 @@ def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
     B, total, everything = t.batch_size, sum(sh.params), range(len(sh.params))
 
     def device(p: float, samples: float, layers: Iterable[int] = everything, other: float = 0.0,
-               grads: float | None = None, acts: float | None = None) -> dict[str, int]:
+               grads: float | None = None, acts: float | None = None, temps: float = 0.0) -> dict[str, int]:
         a = samples * sum(sh.saved[i] for i in layers) + sh.fixed if acts is None else acts
         return {"params": int(p), "grads": int(p if grads is None else grads), "optimizer": int(state * p),
-                "activations": int(a), "other": int(other)}
+                "activations": int(a), "temporaries": int(temps), "other": int(other)}
 
     per = B / n
     slices = (B - per) * sh.io  # a rank's slice of the batch is a view: its storage is the whole batch
@@ -105,9 +105,12 @@ def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
                       other=per * sh.unsaved + total) for _ in devices]
     elif mode == "fsdp":
         shard = _sharded_bytes(cfg, n, lambda name, shape: 0)
-        gathered = 0 if cfg.placement.reshard_after_forward else total  # kept whole until backward
+        # The layer at work is gathered twice over (the all-gather's buffer and the unsharded
+        # parameters); without resharding every layer stays gathered until backward.
+        largest = max(sh.params)
+        gathered = 2 * largest if cfg.placement.reshard_after_forward else total + largest
         out = [device(shard[r], per, acts=sh.fixed + per * sum(sh.saved) + slices,
-                      other=per * sh.unsaved + gathered) for r in range(n)]
+                      other=per * sh.unsaved, temps=gathered) for r in range(n)]
     elif mode == "tensor-parallel":
         shard = _sharded_bytes(cfg, n, _tensor_parallel_dim)
         acts = whole - B * sh.split * (1 - 1 / n)

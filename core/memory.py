@@ -1,26 +1,31 @@
-"""Memory accounting: bytes by category per logical device, counted from the tensors.
+"""Memory accounting: bytes by category per logical device, counted allocation by allocation.
 
 params       the parameters a device holds (a replica counts on every device that has one)
 grads        their .grad tensors
-optimizer    the optimizer's state tensors (Adam's moments, SGD's momentum)
-activations  tensors autograd saved for backward, counted while they are alive
-other        batches, outputs, losses and buffers the strategy registers; on CUDA also
-             whatever else the allocator holds (allocated − the categories above)
+optimizer    the optimizer's state tensors (Adam's moments and step counters, SGD's momentum)
+activations  tensors autograd saved for backward, while they are alive
+temporaries  everything else a step allocates and frees within itself: gradients of
+             activations, the logits' gradient, FSDP's all-gathered parameters, optimizer scratch
+other        what the strategy names: the batch, outputs, the loss, DDP's buckets, pipeline buffers
 
-A simulated device's memory *is* this count, and passing its capacity raises
-DeviceOutOfMemory, the counterpart of torch.cuda.OutOfMemoryError.  On CUDA the same
-categories are read from the tensors, and the allocator adds peak, reserved, and NVML
-adds non_torch (used − reserved: the CUDA context, NCCL buffers).
+On a simulated device this count *is* its memory.  On sampled steps core.recorder sees every
+storage an operation creates (and FSDP's storage resizes), as an allocator would, and
+tells the ledger; the weak reference to each storage tells it when the storage is freed.
+The total after every allocation is checked against the capacity: passing it raises
+DeviceOutOfMemory, the counterpart of torch.cuda.OutOfMemoryError, naming the operation.
+A storage's category is settled with hindsight at the end of the step (a new tensor in
+backward becomes `grads` if it ends up as a .grad), so the breakdown at the step's peak
+says what each byte was.
 
-Totals are taken at phase boundaries (after setup, forward, backward, optimizer) on
-sampled steps; the peak is the largest total seen at those points.
+On CUDA the allocator is the truth: the categories are read from the tensors at phase
+ends, and whatever else it holds at that same instant counts as `other`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -30,55 +35,19 @@ from .devices import Device
 from .events import CATEGORIES
 
 
-class _Packed:
-    """A saved tensor as autograd's graph holds it."""
-
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-
 class DeviceOutOfMemory(RuntimeError):
     """A simulated device went past its capacity (the counterpart of CUDA's OOM)."""
 
-    def __init__(self, device: Device, phase: str, category: str, total: int, breakdown: dict[str, int]) -> None:
-        self.device = device
-        self.phase = phase
-        self.category = category
-        self.total = total
-        self.breakdown = breakdown
+    def __init__(self, device: Device, phase: str, category: str, total: int, breakdown: dict[str, int],
+                 op: str = "") -> None:
+        self.device, self.phase, self.category, self.op = device, phase, category, op
+        self.total, self.breakdown = total, breakdown
+        where = f"{phase}, in {op}" if op else phase
         super().__init__(
-            f"{device.label} ran out of memory in {phase}: {category} pushed it to "
-            f"{human_bytes(total)} of its {human_bytes(device.capacity_bytes)} capacity"
+            f"{device.label} ran out of memory in {where}: {category} pushed it to "
+            f"{human_bytes(total, exact_against=device.capacity_bytes)} of its "
+            f"{human_bytes(device.capacity_bytes, exact_against=total)} capacity"
         )
-
-
-def _storage_key(t: torch.Tensor) -> tuple[int, str] | None:
-    """The identity of the storage behind t (shared by its views), or None for tensors
-    without storage and empty ones.  The storage object's address, not its data pointer:
-    fake tensors (core.estimate traces on them) have storages but no data."""
-    try:
-        s = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
-        return None
-    return (s._cdata, str(t.device)) if s.nbytes() else None
-
-
-def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
-    """Bytes of the distinct storages behind these tensors (views are counted once)."""
-    seen: set[tuple[int, str]] = set()
-    total = 0
-    for t in tensors:
-        if t is None:
-            continue
-        t = _local(t)
-        key = _storage_key(t)
-        if key is None or key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes()
-    return total
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -87,11 +56,38 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return local if isinstance(local, torch.Tensor) else t
 
 
+def storage_of(t: torch.Tensor | torch.UntypedStorage) -> torch.UntypedStorage | None:
+    """The storage behind t (shared by its views); None for tensors without one."""
+    if isinstance(t, torch.UntypedStorage):
+        return t
+    try:
+        return _local(t).untyped_storage()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+        return None
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the distinct storages behind these tensors (views are counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is not None and (s := storage_of(t)) is not None:
+            seen[id(s)] = s.nbytes()
+    return sum(seen.values())
+
+
 def _is_parameter(t: torch.Tensor) -> bool:
-    """A parameter, or a view of one (Linear saves weight.t()).  It catches parameters
-    the ledger was not given, such as FSDP's all-gathered full weights: those are
-    parameters saved for backward, never activations."""
+    """A parameter, or a view of one (Linear saves weight.t()), FSDP's gathered ones included."""
     return isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
+
+
+class _Block:
+    """One allocation: a storage's bytes from `born` to `died` (sequence numbers)."""
+
+    __slots__ = ("device", "nbytes", "kind", "key", "born", "died")
+
+    def __init__(self, device: int, nbytes: int, kind: str | None, key: int, born: int) -> None:
+        self.device, self.nbytes, self.kind, self.key, self.born = device, nbytes, kind, key, born
+        self.died: int | None = None
 
 
 class MemoryLedger:
@@ -99,119 +95,232 @@ class MemoryLedger:
 
     def __init__(self, devices: list[Device]) -> None:
         self.devices = {d.index: d for d in devices}
-        self._params: dict[int, list[torch.nn.Parameter]] = {d.index: [] for d in devices}
+        self._params: dict[int, list[torch.Tensor]] = {d.index: [] for d in devices}
         self._optimizers: list[torch.optim.Optimizer] = []
-        self._saved: dict[int, dict[tuple[int, str], tuple[int, list[weakref.ref]]]] = {d.index: {} for d in devices}
-        self._other: dict[int, list[torch.Tensor]] = {d.index: [] for d in devices}
-        self._param_keys: set[tuple[int, str]] = set()
+        self.where: Callable[[], tuple[int, str]] = lambda: (devices[0].index, "setup")
+        """(device, phase) the process is working in now: who an allocation belongs to."""
+        self.op = ""
+        """The operation running now (set by the recorder)."""
         self.peak: dict[int, int] = {d.index: 0 for d in devices}
         self.peak_phase: dict[int, str] = {d.index: "" for d in devices}
-        self._last: dict[int, dict[str, int]] = {d.index: dict.fromkeys(CATEGORIES, 0) for d in devices}
-        self._step_peak: dict[int, tuple[int, dict[str, int], str]] = {d.index: (0, self._last[d.index], "") for d in devices}
+        self._live: dict[int, tuple[weakref.ref, _Block]] = {}
+        self._blocks: list[_Block] = []
+        self._total: dict[int, int] = dict.fromkeys(self.devices, 0)
+        self._seq = 0
+        self._step_peak: dict[int, tuple[int, int, str, str]] = {}
+        self._oom: tuple[_Block, str, str] | None = None
+        self._cuda: dict[int, tuple[int, dict[str, int], str]] = {}
+        self.recording_allocations = False
 
     # ---- what lives where ---------------------------------------------------------------------
 
-    def add_params(self, params: Iterable[torch.nn.Parameter], device: int) -> None:
+    def add_params(self, params: Iterable[torch.Tensor], device: int) -> None:
         self._params[device].extend(params)
-        self._refresh_param_keys()
 
     def set_params(self, params: Iterable[torch.Tensor], device: int) -> None:
         """Replace what `device` holds: replicas made anew each step (nn.DataParallel)
         are counted while they live and not kept alive by the ledger afterwards."""
         self._params[device] = list(params)
-        self._refresh_param_keys()
+        for p in self._params[device]:
+            self.track(p, device, "params")
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizers.append(optimizer)
 
-    def set_other(self, device: int, tensors: Iterable[torch.Tensor]) -> None:
-        """Tensors of this step that are neither params nor saved activations (batch, output, loss).
-        Kept detached: the ledger must not keep an output's autograd graph alive."""
-        self._other[device] = [t.detach() for t in tensors if isinstance(t, torch.Tensor)]
+    def set_other(self, device: int, tensors: Iterable[Any]) -> None:
+        """Name tensors of this step that are neither params nor saved activations (batch,
+        output, loss, communication buffers); counted from now if no operation made them."""
+        for t in tensors:
+            if isinstance(t, (torch.Tensor, torch.UntypedStorage)):
+                self.track(t, device, "other", keep_activation=True)
 
-    def _refresh_param_keys(self) -> None:
-        self._param_keys = {k for ps in self._params.values() for p in ps if (k := _storage_key(_local(p)))}
+    def _optimizer_state(self, device: int) -> list[torch.Tensor]:
+        ids = {id(p) for p in self._params[device]}
+        return [v for opt in self._optimizers for p, s in opt.state.items() if id(p) in ids
+                for v in s.values() if isinstance(v, torch.Tensor)]
+
+    # ---- allocation by allocation (simulated devices, sampled steps) --------------------------
+
+    def begin_step(self) -> None:
+        """Start counting afresh: what exists now is params, grads and optimizer state."""
+        self._live.clear()
+        self._blocks = []
+        self._total = dict.fromkeys(self.devices, 0)
+        self._seq = 0
+        self._oom = None
+        self._cuda.clear()
+        for d in self.devices:
+            self._step_peak[d] = (0, 0, "", "")
+            for p in self._params[d]:
+                self.track(p, d, "params")
+                self.track(p.grad, d, "grads")
+            for t in self._optimizer_state(d):
+                self.track(t, d, "optimizer")
+
+    def track(self, t: torch.Tensor | None, device: int, kind: str | None,
+              keep_activation: bool = False) -> None:
+        """Count t's storage on `device` from now (if not counted yet) as `kind`."""
+        if t is None or (s := storage_of(t)) is None:
+            return
+        got = self._live.get(id(s))
+        if got is None:
+            self.allocated(s, device, kind)
+            return
+        block = got[1]
+        if kind is not None and not (keep_activation and block.kind == "activations"):
+            block.kind = kind
+        if block.device != device:  # made while another device was at work (a batch, a copy)
+            self._total[block.device] -= block.nbytes
+            self._total[device] += block.nbytes
+            block.device = device
+
+    def allocated(self, storage: torch.UntypedStorage, device: int | None = None, kind: str | None = None) -> None:
+        """A storage that did not exist before (or was resized): count it on its device."""
+        key = id(storage)
+        if key in self._live:
+            self._free(key)
+        nbytes = storage.nbytes()
+        if not nbytes:
+            return
+        if device is None:
+            device = self.where()[0]
+        self._seq += 1
+        block = _Block(device, nbytes, kind, key, self._seq)
+        self._live[key] = (weakref.ref(storage, lambda _r, k=key, b=block: self._freed(k, b)), block)
+        self._blocks.append(block)
+        total = self._total[device] = self._total[device] + nbytes
+        if total > self._step_peak[device][0]:
+            self._step_peak[device] = (total, self._seq, self.where()[1], self.op)
+            dev = self.devices[device]
+            if dev.kind == "sim" and total > dev.capacity_bytes and self._oom is None:
+                self._oom = (block, self.where()[1], self.op)
+
+    def resized(self, storage: torch.UntypedStorage) -> None:
+        """FSDP allocates and frees its gathered parameters by resizing their storages."""
+        key = id(storage)
+        got = self._live.get(key)
+        self.op = "a storage resize (FSDP's gathered parameters)"
+        self._free(key)
+        if storage.nbytes():
+            self.allocated(storage, got[1].device if got else None, got[1].kind if got else None)
+
+    def _free(self, key: int) -> None:
+        got = self._live.pop(key, None)
+        if got is not None:
+            self._freed(key, got[1])
+
+    def _freed(self, key: int, block: _Block) -> None:
+        if block.died is not None:
+            return
+        self._seq += 1
+        block.died = self._seq
+        self._total[block.device] -= block.nbytes
+        got = self._live.get(key)
+        if got is not None and got[1] is block:
+            del self._live[key]
+
+    def mark_saved(self, t: torch.Tensor) -> None:
+        """Autograd saved t for backward: an activation (parameters excepted)."""
+        if _is_parameter(t) or (s := storage_of(t)) is None:
+            return
+        got = self._live.get(id(s))
+        if got is not None:
+            if got[1].kind in (None, "other"):  # a replica's parameters stay parameters
+                got[1].kind = "activations"
+        else:
+            self.allocated(s, None, "activations")
+
+    def raise_pending(self) -> None:
+        """An allocation passed a capacity: raise now that its category is known."""
+        if self._oom is None:
+            return
+        block, phase, op = self._oom
+        self._oom = None
+        device = self.devices[block.device]
+        now = self._breakdown_at(block.device, self._seq)
+        raise DeviceOutOfMemory(device, phase, self._category(block, *self._settled()), sum(now.values()), now, op)
+
+    def _settled(self) -> tuple[set[int], set[int]]:
+        grads = {id(s) for ps in self._params.values() for p in ps
+                 if p.grad is not None and (s := storage_of(p.grad)) is not None}
+        state = {id(s) for d in self.devices for t in self._optimizer_state(d) if (s := storage_of(t)) is not None}
+        return grads, state
+
+    @staticmethod
+    def _category(block: _Block, grads: set[int], state: set[int]) -> str:
+        if block.kind is not None:
+            return block.kind
+        if block.key in grads and block.died is None:
+            return "grads"
+        if block.key in state and block.died is None:
+            return "optimizer"
+        return "temporaries"
+
+    def _breakdown_at(self, device: int, seq: int) -> dict[str, int]:
+        grads, state = self._settled()
+        out = dict.fromkeys(CATEGORIES, 0)
+        for b in self._blocks:
+            if b.device == device and b.born <= seq and (b.died is None or b.died > seq):
+                out[self._category(b, grads, state)] += b.nbytes
+        return out
+
+    # ---- saved tensors --------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def recording(self, device: int) -> Iterator[None]:
-        """Count the tensors autograd saves for backward as `device`'s activations.
+        """Count the tensors autograd saves for backward as activations (on sampled steps)."""
+        if not self.recording_allocations:
+            yield
+            return
 
-        Each saved tensor is wrapped in a small object that only autograd's graph
-        holds; when the graph frees it (after backward), the activation is gone."""
-        saved = self._saved[device]
-        param_keys = self._param_keys
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            self.mark_saved(t)
+            return t
 
-        def pack(t: torch.Tensor) -> Any:
-            local = _local(t)
-            key = _storage_key(local)
-            if key is None or key in param_keys or _is_parameter(t):
-                return t
-            packed = _Packed(t)
-            entry = saved.get(key)
-            if entry is not None and all(r() is None for r in entry[1]):
-                entry = None  # a freed storage's address, reused by a new one
-            if entry is None:
-                entry = saved[key] = (local.untyped_storage().nbytes(), [])
-            entry[1].append(weakref.ref(packed))
-            return packed
-
-        def unpack(packed: Any) -> torch.Tensor:
-            return packed.tensor if isinstance(packed, _Packed) else packed
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
 
     # ---- reading ------------------------------------------------------------------------------
 
-    def live_activations(self, device: int) -> int:
-        saved = self._saved[device]
-        dead = [k for k, (_, refs) in saved.items() if all(r() is None for r in refs)]
-        for k in dead:
-            del saved[k]
-        return sum(n for n, _ in saved.values())
-
     def breakdown(self, device: int) -> dict[str, int]:
+        """Bytes by category now."""
+        if self.recording_allocations:
+            return self._breakdown_at(device, self._seq)
         params = self._params[device]
-        state: list[torch.Tensor] = []
-        ids = {id(p) for p in params}
-        for opt in self._optimizers:
-            for p, s in opt.state.items():
-                if id(p) in ids:
-                    state.extend(v for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-        # Scalar step counters are 4-8 bytes; counting them would only add noise.
-        return {
-            "params": tensor_bytes(params),
-            "grads": tensor_bytes(p.grad for p in params),
-            "optimizer": tensor_bytes(state),
-            "activations": self.live_activations(device),
-                # A batch that autograd also saved is counted once, as an activation.
-            "other": tensor_bytes(t for t in self._other[device]
-                                  if _storage_key(_local(t)) not in self._saved[device]),
-        }
+        return {**dict.fromkeys(CATEGORIES, 0), "params": tensor_bytes(params),
+                "grads": tensor_bytes(p.grad for p in params),
+                "optimizer": tensor_bytes(self._optimizer_state(device))}
 
     def checkpoint(self, phase: str) -> None:
-        """Take totals now; raise DeviceOutOfMemory if a simulated device is past capacity."""
+        """The end of a phase.  Simulated devices: raise a pending out-of-memory.  CUDA: the
+        categories and the allocator's total at the same instant (the rest is `other`)."""
+        self.raise_pending()
         for index, device in self.devices.items():
+            if device.kind != "cuda" or not torch.cuda.is_available():
+                continue
             now = self.breakdown(index)
-            total = sum(now.values())
-            if total > self.peak[index]:
-                self.peak[index], self.peak_phase[index] = total, phase
-            if total > self._step_peak[index][0]:
-                self._step_peak[index] = (total, now, phase)
-            before = self._last[index]
-            self._last[index] = now
-            if device.kind == "sim" and total > device.capacity_bytes:
-                grew = max(CATEGORIES, key=lambda c: now[c] - before[c])
-                raise DeviceOutOfMemory(device, phase, grew, total, now)
+            # The allocator counts per GPU: with several of this process's logical devices on
+            # one GPU it would give each the others' memory too; there the categories alone count.
+            if sum(d.gpu == device.gpu for d in self.devices.values()) == 1:
+                allocated = torch.cuda.memory_allocated(torch.device(device.torch_device))
+                now["other"] = max(0, allocated - sum(now.values()))
+            if sum(now.values()) >= self._cuda.get(index, (-1,))[0]:
+                self._cuda[index] = (sum(now.values()), now, phase)
 
-    def step_peak(self, device: int) -> tuple[dict[str, int], str]:
-        """The breakdown at the highest total since `begin_step`, and the phase it ended."""
-        _, breakdown, phase = self._step_peak[device]
-        return dict(breakdown), phase
+    def end_step(self) -> None:
+        self.raise_pending()
+        peaks = {d: (t, 0, phase, "") for d, (t, _, phase) in self._cuda.items()}
+        for d, (total, _, phase, _) in (self._step_peak | peaks).items():
+            if total > self.peak[d]:
+                self.peak[d], self.peak_phase[d] = total, phase
 
-    def begin_step(self) -> None:
-        for index in self._step_peak:
-            self._step_peak[index] = (0, self._last[index], "")
+    def step_peak(self, device: int) -> tuple[dict[str, int], str, str]:
+        """The breakdown at this step's highest total, the phase and the operation there."""
+        if device in self._cuda and not self.recording_allocations:
+            _, now, phase = self._cuda[device]
+            return dict(now), phase, ""
+        total, seq, phase, op = self._step_peak.get(device, (0, 0, "", ""))
+        return self._breakdown_at(device, seq), phase, op
 
     def cuda_extra(self, device: Device) -> tuple[int, dict[str, Any]]:
         """(allocator peak, {reserved, allocated}) for a CUDA device; (0, {}) otherwise."""

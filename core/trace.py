@@ -92,6 +92,7 @@ def _trace_rank(cfg: RunConfig, devices: list[Device], rank: int, world: int,
     from . import worker
     from .memory import MemoryLedger
     from .parallel import STRATEGIES
+    from .recorder import Recorder
 
     job = worker.RankJob(cfg.to_dict(), devices, rank, world, time.perf_counter(), os.getpid())
     local = worker._local_devices(job, cfg)
@@ -105,14 +106,17 @@ def _trace_rank(cfg: RunConfig, devices: list[Device], rank: int, world: int,
         for step in range(1, min(TRACE_STEPS, cfg.train.steps) + 1):
             probe.active, probe.step = True, step
             ledger.begin_step()
-            trainer.step(step, probe)
+            probe.where = (local[0].index, "forward")
+            with Recorder(ledger):  # what a rank's sampled step counts, allocation by allocation
+                trainer.step(step, probe)
+            ledger.end_step()
             probe.spans.clear()
             for opt in trainer.optimizers:
                 # Its state exists now and later steps only change values in place: on
                 # fake tensors the step is a third of the trace's time and adds no byte.
                 opt.step = _no_step
             for d in local:
-                bytes_, phase = ledger.step_peak(d.index)
+                bytes_, phase, _ = ledger.step_peak(d.index)
                 if sum(bytes_.values()) > best[d.index][0]:
                     best[d.index] = (sum(bytes_.values()), bytes_, phase)
     return {d.index: (best[d.index][1], ledger.peak[d.index], best[d.index][2]) for d in local}

@@ -125,6 +125,17 @@ class Probe:
         self.where: tuple[int, str] = (ctx.local_devices[0].index, "setup")
         self.spans: list[PhaseSpan] = []
         self._marks: dict[tuple[int, str], _Mark] = {}
+        self.ledger.where = lambda: self.where  # an allocation belongs to the device at work
+
+    @contextlib.contextmanager
+    def at(self, device: int, phase: str):
+        """Work on `device` that the strategy times itself (copies between devices): what it
+        allocates belongs to that device."""
+        before, self.where = self.where, (device, phase)
+        try:
+            yield
+        finally:
+            self.where = before
 
     def phase(self, device: int, phase: str) -> Any:
         if self.active:
@@ -268,13 +279,18 @@ class Heartbeat(threading.Thread):
         while not self.stopped.wait(1.0):
             if not self.controller_alive() and not self.stopped.is_set():
                 os._exit(3)  # orphaned: nobody will read our events or stop us
-            frame = sys._current_frames().get(main)
-            where = ""
-            if frame is not None:
-                code = frame.f_code
-                where = (f"{code.co_name} ({os.path.basename(code.co_filename)}:{frame.f_lineno})"
-                         f" @ {code.co_filename}")
-            self.channel.send(Batch(self.rank, self.progress, where=where))
+            self.channel.send(Batch(self.rank, self.progress, where=_where(main)))
+
+
+def _where(thread: int | None) -> str:
+    """'function (file:line) @ path' of a thread's innermost frame.  The frame is not kept:
+    holding it would keep its locals (a step's tensors) alive, and the memory count with them."""
+    frame = sys._current_frames().get(thread)
+    if frame is None:
+        return ""
+    code, line = frame.f_code, frame.f_lineno
+    del frame
+    return f"{code.co_name} ({os.path.basename(code.co_filename)}:{line}) @ {code.co_filename}"
 
 
 def _alive(pid: int) -> bool:
@@ -370,11 +386,9 @@ def _loop(ctx: RankContext, trainer: Any, probe: Probe, control: Control, channe
                     group["lr"] = lr
         probe.active = sample
         probe.step = step
-        if probe.active:
-            ctx.ledger.begin_step()
         if fault_step == step:
             _inject(ctx.job.fault)
-        loss = trainer.step(step, probe)
+        loss = _step(ctx, trainer, probe, step)
         end = perf_counter()
         heartbeat.progress = step
         if loss is not None and (step % log_every == 0 or step == steps):
@@ -394,6 +408,24 @@ def _loop(ctx: RankContext, trainer: Any, probe: Probe, control: Control, channe
     return RankDone(ctx.rank, "ok", f"finished {step} steps{summary}", steps=step)
 
 
+def _step(ctx: RankContext, trainer: Any, probe: Probe, step: int) -> Any:
+    """One training step; on sampled steps of simulated devices, under the recorder."""
+    if not probe.active:
+        return trainer.step(step, probe)
+    ledger = ctx.ledger
+    ledger.begin_step()
+    probe.where = (ctx.local_devices[0].index, "forward")  # the batch is loaded first
+    if any(d.kind == "cuda" for d in ctx.local_devices):
+        loss = trainer.step(step, probe)
+    else:
+        from .recorder import Recorder
+
+        with Recorder(ledger):
+            loss = trainer.step(step, probe)
+    ledger.end_step()
+    return loss
+
+
 def _inject(fault: str) -> None:
     kind = fault.split("@")[0]
     if kind == "hang":
@@ -408,18 +440,12 @@ def _memory_events(ctx: RankContext, step: int, time_s: float) -> list[MemorySam
     out = []
     ledger = ctx.ledger
     for d in ctx.local_devices:
-        bytes_, phase = ledger.step_peak(d.index)
+        bytes_, phase, op = ledger.step_peak(d.index)
         peak = ledger.peak[d.index]
         cuda_peak, extra = ledger.cuda_extra(d)
-        # The allocator counts per GPU: with several of this process's logical devices on one
-        # GPU it would give each the others' memory too, so there the categories alone count.
-        alone = sum(x.gpu == d.gpu for x in ctx.local_devices) == 1
-        if extra and alone:
-            # On CUDA the allocator knows what the categories miss: count it as other.
-            counted = sum(bytes_.values())
-            bytes_["other"] += max(0, extra["allocated"] - counted)
+        if extra:  # ledger.checkpoint took the allocator's `other` with the categories
             peak = max(peak, cuda_peak)
-        out.append(MemorySample(step, d.index, bytes_, peak, d.capacity_bytes, time_s, phase, extra))
+        out.append(MemorySample(step, d.index, bytes_, peak, d.capacity_bytes, time_s, phase, op, extra))
     return out
 
 
@@ -450,7 +476,8 @@ def _send_oom_memory(channel: Channel, e: BaseException, probe: Probe | None, do
         peak, extra = ledger.cuda_extra(device)
         total = sum(breakdown.values())
         sample = MemorySample(probe.step, device.index, breakdown, max(peak, total, ledger.peak[device.index]),
-                              device.capacity_bytes, perf_counter() - probe.t0, done.phase, extra)
+                              device.capacity_bytes, perf_counter() - probe.t0, done.phase,
+                              getattr(e, "op", ""), extra)
         channel.send(Batch(done.rank, probe.step, events=[sample]))
 
 

@@ -29,3 +29,15 @@ def memory_by_device(events: list) -> dict[int, MemorySample]:
         if isinstance(e, MemorySample):
             out[e.device] = e
     return out
+
+
+def adam_state_bytes(param_bytes: int, tensors: int) -> int:
+    """Adam's state as torch itself allocates it: two moments per parameter and one step
+    counter per parameter tensor (its size read from a real torch.optim.Adam)."""
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p])
+    p.grad = torch.zeros(1)
+    opt.step()
+    return 2 * param_bytes + tensors * opt.state[p]["step"].untyped_storage().nbytes()

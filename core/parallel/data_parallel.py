@@ -41,6 +41,12 @@ def apply_data_parallel(ctx) -> Trainer:
     return Trainer(make_step(ctx, model, optimizer, data), [optimizer], learned_line(model))
 
 
+def _copy(probe, t: torch.Tensor, device) -> torch.Tensor:
+    """A copy onto `device` (a real copy on simulated devices too), counted there."""
+    with probe.at(device.index, "communication"):
+        return t.to(device.torch_device, copy=True)
+
+
 def _spans(probe, devices, phase: str, start: float) -> None:
     if probe.active:
         end = perf_counter()
@@ -60,13 +66,13 @@ def _device_by_device(ctx, model: nn.Module, optimizer, data):
         chunks = x.chunk(len(ctx.local_devices))  # may be fewer chunks than devices, as in DataParallel
         devices, unused = ctx.local_devices[:len(chunks)], ctx.local_devices[len(chunks):]
         others = devices[1:]
-        chunks = [chunks[0]] + [c.to(d.torch_device, copy=True) for c, d in zip(chunks[1:], others)]
+        chunks = [chunks[0]] + [_copy(probe, c, d) for c, d in zip(chunks[1:], others)]
         _spans(probe, devices, "communication", start)  # scatter
 
         # Broadcast: each other device gets its own copy of the parameters, made anew
         # every step; as leaves they collect that device's gradients for the reduce.
         start = perf_counter()
-        replicas = [[p.detach().to(d.torch_device, copy=True).requires_grad_() for p in params] for d in others]
+        replicas = [[_copy(probe, p.detach(), d).requires_grad_() for p in params] for d in others]
         if probe.active:
             for d, replica in zip(others, replicas):
                 ledger.set_params(replica, d.index)
@@ -80,7 +86,8 @@ def _device_by_device(ctx, model: nn.Module, optimizer, data):
             outs.append(out)
 
         start = perf_counter()
-        gathered = torch.cat([o.to(first.torch_device) for o in outs])
+        with probe.at(first.index, "communication"):
+            gathered = torch.cat([o.to(first.torch_device) for o in outs])
         _spans(probe, devices, "communication", start)  # gather
 
         start = perf_counter()
@@ -103,8 +110,9 @@ def _device_by_device(ctx, model: nn.Module, optimizer, data):
         for replica in replicas:  # reduce: every replica's gradients summed onto device 0's
             for p, r in zip(params, replica):
                 if r.grad is not None:
-                    g = r.grad.to(p.device)
-                    p.grad = g if p.grad is None else p.grad.add_(g)
+                    with probe.at(first.index, "communication"):
+                        g = r.grad.to(p.device)
+                        p.grad = g if p.grad is None else p.grad.add_(g)
         _spans(probe, devices, "communication", start)
         # The replicas die here, as DataParallel's do after backward: drop all that leads to them.
         loss = loss.detach()

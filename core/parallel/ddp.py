@@ -10,6 +10,7 @@ each bucket from the moment it is ready to the moment its all-reduce has finishe
 
 from __future__ import annotations
 
+import weakref
 from time import perf_counter
 
 import torch
@@ -34,11 +35,16 @@ def apply_ddp(ctx) -> Trainer:
     ctx.ledger.checkpoint("setup")
     d, rank = device.index, ctx.rank
     sampled = {"probe": None}
-    buckets: dict[int, torch.Tensor] = {}
+    # The buckets' storages, held weakly: DDP rebuilds its buckets after step 1, and holding
+    # the old ones here would count (and keep) memory that DDP itself has let go.
+    buckets: dict[int, weakref.ref] = {}
+
+    def held():
+        return [s for ref in buckets.values() if (s := ref()) is not None]
 
     # No annotations: DDP checks them, and this module's are strings (__future__).
     def timed_allreduce(group, bucket):
-        buckets[bucket.index()] = bucket.buffer()
+        buckets[bucket.index()] = weakref.ref(bucket.buffer().untyped_storage())
         if bucket.is_last():  # buckets are rebuilt once, after step 1: forget the old ones
             for k in [k for k in buckets if k > bucket.index()]:
                 del buckets[k]
@@ -63,11 +69,11 @@ def apply_ddp(ctx) -> Trainer:
         with probe.phase(d, "forward"):
             out = ddp(x)
             loss = loss_fn(cfg.model, out, y)
-            probe.other(d, x, y, out, loss, *buckets.values())
+            probe.other(d, x, y, out, loss, *held())
         with probe.phase(d, "backward"):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # returns once every bucket's all-reduce is done
-            probe.other(d, x, y, out, loss, *buckets.values())
+            probe.other(d, x, y, out, loss, *held())
         with probe.phase(d, "optimizer"):
             optimizer.step()
         return loss

@@ -28,10 +28,13 @@ def apply_model_parallel(ctx) -> Trainer:
     parts = [model[r.start:r.stop].to(d.torch_device) for r, d in zip(ranges, devices)]
     whole = make_dataset(cfg.data, cfg.model, cfg.seed)
     data = Dataset(whole.inputs.to(first.torch_device), whole.targets.to(last.torch_device))
-    optimizer = make_optimizer(model.parameters(), cfg.train)
-    for part, d in zip(parts, devices):
+    # The seed's one optimizer, held as one per device: each device updates its own layers,
+    # and its optimizer state is allocated (and counted) there.  Adam's and SGD's update
+    # of one parameter does not depend on the others, so the numbers are the seed's.
+    optimizers = [make_optimizer(part.parameters(), cfg.train) for part in parts]
+    for part, d, optimizer in zip(parts, devices, optimizers):
         ctx.ledger.add_params(part.parameters(), d.index)
-    ctx.ledger.add_optimizer(optimizer)
+        ctx.ledger.add_optimizer(optimizer)
     ctx.ledger.checkpoint("setup")
 
     def step(i, probe):
@@ -48,7 +51,8 @@ def apply_model_parallel(ctx) -> Trainer:
         for k, (part, d) in enumerate(zip(parts, devices)):
             if k:
                 start = perf_counter()
-                inputs.append(outputs[-1].detach().to(d.torch_device, copy=True).requires_grad_())
+                with probe.at(d.index, "communication"):
+                    inputs.append(outputs[-1].detach().to(d.torch_device, copy=True).requires_grad_())
                 sent(devices[k - 1], d, start)
             start = perf_counter()
             with probe.phase(d.index, "forward"):
@@ -61,12 +65,14 @@ def apply_model_parallel(ctx) -> Trainer:
             busy[d.index].append((start, perf_counter()))
             outputs.append(out)
 
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         for k in reversed(range(len(parts))):
             d = devices[k]
             if d is not last:
                 start = perf_counter()
-                grad = inputs[k + 1].grad.to(d.torch_device)
+                with probe.at(d.index, "communication"):
+                    grad = inputs[k + 1].grad.to(d.torch_device, copy=True)
                 sent(devices[k + 1], d, start)
             start = perf_counter()
             with probe.phase(d.index, "backward"):
@@ -76,18 +82,16 @@ def apply_model_parallel(ctx) -> Trainer:
                     outputs[k].backward(grad)
             busy[d.index].append((start, perf_counter()))
 
-        # One optimizer over every parameter: each device updates its own layers.
-        start = perf_counter()
-        with probe.phase(first.index, "optimizer"):
-            optimizer.step()
-        end = perf_counter()
-        for d in devices[1:]:
-            probe.span(d.index, "optimizer", start, end)
+        for optimizer, d in zip(optimizers, devices):
+            start = perf_counter()
+            with probe.phase(d.index, "optimizer"):
+                optimizer.step()
+            busy[d.index].append((start, perf_counter()))
         if probe.active:
             _idle(probe, busy)
         return loss.detach()
 
-    return Trainer(step, [optimizer], learned_line(model))
+    return Trainer(step, optimizers, learned_line(model))
 
 
 def _idle(probe, busy: dict[int, list[tuple[float, float]]]) -> None:

@@ -201,14 +201,14 @@ def test_the_trace_leaves_the_process_as_it_was():
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    from paralab.core import data, memory
+    from paralab.core import data
     from paralab.core.parallel import ddp
 
-    before = (memory._storage_key, torch.utils.swap_tensors, F.mse_loss, data._markov_tokens,
+    before = (torch.UntypedStorage.resize_, torch.utils.swap_tensors, F.mse_loss, data._markov_tokens,
               ddp.DistributedDataParallel)
     estimate(config(mode="ddp", devices="sim:2", **TINY), method="trace")
     estimate(config(mode="pipeline", devices="sim:1", **TINY), method="trace")
-    after = (memory._storage_key, torch.utils.swap_tensors, F.mse_loss, data._markov_tokens,
+    after = (torch.UntypedStorage.resize_, torch.utils.swap_tensors, F.mse_loss, data._markov_tokens,
              ddp.DistributedDataParallel)
     assert before == after and not dist.is_initialized()
     assert isinstance(torch.ones(2), torch.Tensor) and torch.ones(2).sum().item() == 2.0  # no fake mode left

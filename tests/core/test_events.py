@@ -16,7 +16,7 @@ from paralab.core.events import (
 EVENTS = [
     RunStarted("ddp", [{"index": 0, "label": "sim0"}], {"mode": "ddp"}, 2, 10, 1.0),
     StepDone(1, 0.5, 1.25, 100.0, 0.01),
-    MemorySample(1, 0, {"params": 1, "grads": 2, "optimizer": 3, "activations": 4, "other": 5}, 15, 100),
+    MemorySample(1, 0, {"params": 1, "grads": 2, "optimizer": 3, "activations": 4, "temporaries": 6, "other": 5}, 21, 100),
     UtilizationSample(0, 42.0, 1.0, "spans"),
     PhaseSpan(1, "forward", 0.1, 0.2, 3),
     RunEnded("oom", "sim1 ran out of memory", 1, 2.0, 3, "forward"),
@@ -34,7 +34,7 @@ def test_contract_fields():
     step = json.loads(to_json(EVENTS[1]))
     assert {"step", "loss", "time_s", "samples_per_s"} <= set(step)
     mem = json.loads(to_json(EVENTS[2]))
-    assert set(mem["bytes"]) == {"params", "grads", "optimizer", "activations", "other"}
+    assert set(mem["bytes"]) == {"params", "grads", "optimizer", "activations", "temporaries", "other"}
     assert {"step", "device", "peak_bytes", "capacity_bytes"} <= set(mem)
     span = json.loads(to_json(EVENTS[4]))
     assert {"device", "phase", "start_s", "end_s"} <= set(span)

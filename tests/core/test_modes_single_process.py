@@ -21,7 +21,7 @@ from paralab.core.models import build_model, split_layers
 from paralab.core.parallel.data_parallel import apply_data_parallel
 from paralab.core.worker import Probe, RankContext, RankJob
 
-from tests.helpers import ended, losses, memory_by_device, run_events
+from tests.helpers import adam_state_bytes, ended, losses, memory_by_device, run_events
 
 SMALL = {
     "mlp": {"model.kind": "mlp", "model.width": 32, "model.depth": 2},
@@ -104,11 +104,13 @@ def test_seed_model_parallel_splitnn_trains_toward_zero(no_leftover_ranks):
 
 def test_data_parallel_piles_memory_on_device_0(no_leftover_ranks):
     events = run_events(MLP, mode="data-parallel", devices="sim:2")
-    model = _bytes([build_model(MLP.model, MLP.seed)])
+    net = build_model(MLP.model, MLP.seed)
+    model = _bytes([net])
     memory = memory_by_device(events)
     first, second = memory[0].bytes, memory[1].bytes
-    # Device 0 holds the model, its gradients and Adam's two moments; device 1 only a replica.
-    assert (first["params"], first["grads"], first["optimizer"]) == (model, model, 2 * model)
+    # Device 0 holds the model, its gradients and Adam's state; device 1 only a replica.
+    adam = adam_state_bytes(model, len(list(net.parameters())))
+    assert (first["params"], first["grads"], first["optimizer"]) == (model, model, adam)
     assert second["params"] == model and second["optimizer"] == 0
     assert sum(first.values()) > sum(second.values())
     assert memory[0].peak_bytes > memory[1].peak_bytes
@@ -131,7 +133,8 @@ def test_model_parallel_devices_hold_only_their_layers(no_leftover_ranks):
     for d, r in enumerate(split_layers(len(layers), 3, split)):
         own = _bytes(layers[r.start:r.stop])
         got = memory[d].bytes
-        assert (got["params"], got["grads"], got["optimizer"]) == (own, own, 2 * own), d
+        adam = adam_state_bytes(own, len(list(layers[r.start:r.stop].parameters())))
+        assert (got["params"], got["grads"], got["optimizer"]) == (own, own, adam), d
 
 
 def test_data_parallel_replicas_do_not_outlive_their_step():

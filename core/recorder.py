@@ -1,0 +1,99 @@
+"""The dispatch-level recorder: every operation a rank runs on a sampled step, as the
+device would see it.
+
+A TorchDispatchMode sits below autograd, so it sees the operations that really run —
+forward, backward (autograd's own), the optimizer, and c10d's collectives — each with
+its real shapes.  It tells two listeners:
+
+  the ledger  (core.memory)  every storage an operation creates, on the device working
+                             now, and every storage FSDP resizes: memory by allocation
+  the clock   (core.clock)   each operation with its inputs and outputs, to give it a
+                             modelled duration on the chosen GPU
+
+It is entered on sampled steps only, so other steps pay nothing.  DTensor operations are
+passed on (NotImplemented) so that the local operations DTensor turns them into, and its
+collectives, come back here: those are what a device runs.  The same recorder runs in the
+estimate's trace, on fake tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+import torch
+from torch._guards import active_fake_mode
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .memory import MemoryLedger
+
+_WAIT = torch.ops._c10d_functional.wait_tensor.default
+
+
+class Recorder(TorchDispatchMode):
+    def __init__(self, ledger: MemoryLedger, on_op: Any = None) -> None:
+        super().__init__()
+        self.ledger = ledger
+        self.on_op = on_op
+        """Called as on_op(func, args, kwargs, out) after each operation (core.clock)."""
+        self._fake = None
+        self._resize: Any = None
+
+    def __enter__(self) -> Recorder:
+        self._fake = active_fake_mode()
+        self.ledger.recording_allocations = True
+        self._patch_resize()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            torch.UntypedStorage.resize_ = self._resize
+            self.ledger.recording_allocations = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if DTensor in types:
+            return NotImplemented  # DTensor desugars into local ops, which come back here
+        kwargs = kwargs or {}
+        ledger = self.ledger
+        ledger.raise_pending()
+        # The fake kernel of wait_tensor returns a new tensor; the real one returns its input.
+        out = args[0] if func is _WAIT and self._fake is not None else func(*args, **kwargs)
+        if active_fake_mode() is not self._fake:
+            return out  # DTensor's shape propagation on its own fake tensors, not the device's work
+        ledger.op = func.__name__
+        inputs = {id(s) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+                  and (s := _storage(t)) is not None}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and (s := _storage(t)) is not None and id(s) not in inputs:
+                ledger.allocated(s)
+        if self.on_op is not None:
+            self.on_op(func, args, kwargs, out)
+        return out
+
+    def _patch_resize(self) -> None:
+        # Storage resizes do not go through the dispatcher; FSDP2 allocates and frees its
+        # gathered parameters that way (torch's MemTracker patches the same method).
+        original = self._resize = torch.UntypedStorage.resize_
+        ledger, me = self.ledger, threading.get_ident()
+
+        @functools.wraps(original)
+        def resize_(storage: torch.UntypedStorage, size: int) -> Any:
+            out = original(storage, size)
+            if threading.get_ident() == me:  # a GUI may trace while its other threads go on
+                ledger.resized(storage)
+                ledger.raise_pending()
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+
+
+def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
