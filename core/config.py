@@ -143,6 +143,10 @@ class PlacementConfig:
 class SimConfig:
     memory: Bytes = Bytes(24 * 2**30)
     """Memory capacity of each simulated device, e.g. 24GiB. Simulated devices compute on the CPU; only this capacity is made up."""
+    gpu: str = "H100 SXM"
+    """The GPU a simulated device keeps time as: 'H100 SXM', 'A100 80GB', 'RTX 4090', 'L4' (resources/gpus.toml) or 'host' for the CPU's measured time."""
+    tf32: bool = False
+    """Modelled float32 matmuls run on tensor cores (TF32), as with torch.backends.cuda.matmul.allow_tf32; torch's default is off."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

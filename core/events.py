@@ -30,6 +30,10 @@ class RunStarted:
     params: int = 0
     time: float = 0.0
     """Wall-clock start (Unix time)."""
+    clock: str = "host"
+    """Which clock the run's times are in: 'host', or e.g. 'modelled: 2 × H100 SXM over NVLink 4'."""
+    gpu: dict[str, Any] = field(default_factory=dict)
+    """The GPU model's figures when the clock is modelled."""
 
 
 @dataclass(slots=True)
@@ -39,7 +43,12 @@ class StepDone:
     loss: float
     time_s: float
     samples_per_s: float
+    """In the run's clock (modelled on simulated devices with a GPU model)."""
     lr: float = 0.0
+    modelled_s: float | None = None
+    """Simulated devices with a GPU model: the modelled clock at the end of this step."""
+    host_s: float | None = None
+    """The host's time (time_s is the run's clock: the modelled one when there is one)."""
 
 
 @dataclass(slots=True)
@@ -80,6 +89,12 @@ class PhaseSpan:
     start_s: float
     end_s: float
     step: int = 0
+    clock: str = "host"
+    """'host' (measured) or 'modelled'; a simulated device with a GPU model sends both."""
+    bytes: int = 0
+    """Communication: the message size."""
+    name: str = ""
+    """Communication: the collective (all-reduce, all-gather, reduce-scatter, send, recv, copy)."""
 
 
 @dataclass(slots=True)

@@ -177,7 +177,16 @@ class Run:
         devices = [{"index": d.index, "label": d.label, "kind": d.kind, "capacity_bytes": d.capacity_bytes,
                     "description": d.describe() + hosts.get(d.index if self.world > 1 else 0, "")}
                    for d in self.devices]
-        return RunStarted(self.config.mode, devices, self.config.to_dict(), self.world, params, time.time())
+        clock, gpu = "host", {}
+        if self.config.sim.gpu != "host" and all(d.kind == "sim" for d in self.devices):
+            from dataclasses import asdict
+
+            from .clock import gpu_models
+
+            model = gpu_models()[self.config.sim.gpu]
+            clock, gpu = model.describe(len(self.devices)), asdict(model)
+        return RunStarted(self.config.mode, devices, self.config.to_dict(), self.world, params, time.time(),
+                          clock, gpu)
 
     def _sampled_devices(self) -> list[Device]:
         """The devices telemetry can watch: all but another machine's GPUs (its NVML is not ours)."""
@@ -316,21 +325,27 @@ class _Supervisor:
             self._last_step = (0, msg.started)
         out.extend(msg.events)
         if msg.rank in self.loss_ranks:
-            for step, loss, t, lr in zip(msg.steps, msg.losses, msg.times, msg.lrs):
+            modelled = msg.modelled or [None] * len(msg.steps)
+            for step, loss, t, lr, m in zip(msg.steps, msg.losses, msg.times, msg.lrs, modelled):
                 got = self._pending.setdefault(step, [])
-                got.append((loss, t, lr))
+                got.append((loss, t, lr, m))
                 if len(got) == len(self.loss_ranks):
                     del self._pending[step]
                     out.append(self._step_event(step, got))
 
-    def _step_event(self, step: int, got: list[tuple[float, float, float]]) -> StepDone:
+    def _step_event(self, step: int, got: list[tuple[float, float, float, float | None]]) -> StepDone:
+        """A step in the run's clock: the modelled one where the ranks keep it, else the host's."""
         loss = sum(g[0] for g in got) / len(got)
-        t = max(g[1] for g in got)
+        host = max(g[1] for g in got)
+        modelled = max((g[3] for g in got if g[3] is not None), default=None)
+        t = host if modelled is None else modelled
+        if modelled is not None and self._last_step is not None and self._last_step[0] == 0:
+            self._last_step = (0, 0.0)  # the modelled clock starts with training
         prev_step, prev_t = self._last_step or (0, 0.0)
         rate = (step - prev_step) * self.run.config.train.batch_size / (t - prev_t) if t > prev_t else 0.0
         self._last_step = (step, t)
         self.steps_done = step
-        return StepDone(step, loss, t, rate, got[0][2])
+        return StepDone(step, loss, t, rate, got[0][2], modelled, host)
 
     def _death(self, rank: int) -> worker.RankDone:
         if self.remote:  # maybe on another machine: no exit code to read, only the closed connection

@@ -38,6 +38,12 @@ def problems(cfg: RunConfig, *, resolve_devices: bool = True) -> list[str]:
     need(t.micro_batches >= 1, f"train.micro_batches must be at least 1, not {t.micro_batches}")
     need(t.log_every >= 1, f"train.log_every must be at least 1, not {t.log_every}")
     need(cfg.sim.memory >= 2**20, f"sim.memory {int(cfg.sim.memory)} bytes is too small; give at least 1MiB, e.g. 24GiB")
+    if cfg.sim.gpu != "host":
+        from .clock import gpu_models
+
+        known = gpu_models()
+        need(cfg.sim.gpu in known, f"sim.gpu {cfg.sim.gpu[:40]!r} is not a GPU model paralab knows; "
+             f"use one of {', '.join(sorted(known))} or 'host' (the CPU's own time)")
     need(cfg.telemetry.interval_s >= 0.01, "telemetry.interval_s must be at least 0.01 s")
     need(cfg.telemetry.hang_timeout_s >= 1, "telemetry.hang_timeout_s must be at least 1 s")
     need(cfg.data.samples >= 0, f"data.samples must be 0 (the default) or more, not {cfg.data.samples}")

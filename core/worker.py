@@ -30,6 +30,7 @@ from typing import Any
 from .config import RunConfig
 from .devices import Device
 from .events import MemorySample, PhaseSpan
+from .modelled import ModelledClock
 
 
 @dataclass
@@ -66,6 +67,8 @@ class Batch:
     losses: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    modelled: list[float] = field(default_factory=list)
+    """Simulated devices with a GPU model: the modelled clock at the end of each step."""
     events: list[Any] = field(default_factory=list)
     started: float | None = None
     """Set on the first batch: when training began (seconds since the run started)."""
@@ -126,6 +129,7 @@ class Probe:
         self.spans: list[PhaseSpan] = []
         self._marks: dict[tuple[int, str], _Mark] = {}
         self.ledger.where = lambda: self.where  # an allocation belongs to the device at work
+        self.clock = ModelledClock(ctx, lambda: self.where)
 
     @contextlib.contextmanager
     def at(self, device: int, phase: str):
@@ -176,6 +180,8 @@ class RankContext:
     ledger: Any
     group: Any = None
     """torch.distributed default group when world > 1."""
+    control_group: Any = None
+    """A gloo group beside the training's: controls, and the modelled clock's op lists."""
 
     @property
     def rank(self) -> int:
@@ -346,8 +352,9 @@ def _run(job: RankJob, channel: Channel, shared: Any, heartbeat: Heartbeat, stat
     ctx = RankContext(job, cfg, local, MemoryLedger(local))
     if job.world > 1:
         ctx.group = _init_distributed(job, cfg.telemetry.hang_timeout_s)
-    probe = state["probe"] = Probe(ctx)
     control = Control(shared, job.world, cfg.train.lr, cfg.telemetry.interval_s)
+    ctx.control_group = control._group
+    probe = state["probe"] = Probe(ctx)
     trainer = STRATEGIES[cfg.mode].apply(ctx)
     return _loop(ctx, trainer, probe, control, channel, heartbeat)
 
@@ -358,6 +365,7 @@ def _loop(ctx: RankContext, trainer: Any, probe: Probe, control: Control, channe
 
     cfg, t0 = ctx.cfg, ctx.job.t0
     steps, log_every = cfg.train.steps, cfg.train.log_every
+    clock = probe.clock
     pending = Batch(ctx.rank, 0)
     losses: list[torch.Tensor] = []
     last_flush = perf_counter()
@@ -391,14 +399,18 @@ def _loop(ctx: RankContext, trainer: Any, probe: Probe, control: Control, channe
         loss = _step(ctx, trainer, probe, step)
         end = perf_counter()
         heartbeat.progress = step
+        clock.advance()  # by the last modelled step time: shapes, and so durations, are fixed
         if loss is not None and (step % log_every == 0 or step == steps):
             losses.append(loss.detach())
             pending.steps.append(step)
             pending.times.append(end - t0)
             pending.lrs.append(lr)
+            if clock.gpu is not None:
+                pending.modelled.append(clock.now)
         if probe.active:
             probe.active = False
             pending.events.extend(probe.spans)
+            pending.events.extend(clock.events(step, end - t0))
             probe.spans = []
             pending.events.extend(_memory_events(ctx, step, end - t0))
         if end - last_flush >= 0.1 or step == steps or step <= 2:
@@ -420,8 +432,10 @@ def _step(ctx: RankContext, trainer: Any, probe: Probe, step: int) -> Any:
     else:
         from .recorder import Recorder
 
-        with Recorder(ledger):
+        log = probe.clock.start()
+        with Recorder(ledger, on_op=log):
             loss = trainer.step(step, probe)
+        probe.clock.lay_out(log)
     ledger.end_step()
     return loss
 

@@ -178,6 +178,7 @@ class RunData:
         """step, time_s, loss, samples_per_s, lr."""
         self.devices: list[DeviceSeries] = []
         self.start: RunStarted | None = None
+        self.clock = "host"
         self.end: RunEnded | None = None
         self.last_step: StepDone | None = None
         self.loss_finite = True
@@ -207,6 +208,8 @@ class RunData:
     def reset(self, start: RunStarted | None = None) -> None:
         """Forget the previous run; `start` names the devices of the next (None: empty)."""
         self.start = start
+        self.clock = "modelled" if start is not None and start.clock != "host" else "host"
+        """The clock of the spans and utilization shown: the run's."""
         self.end = None
         self.last_step = None
         self.loss_finite = True
@@ -238,7 +241,8 @@ class RunData:
         changed = dict.fromkeys(("steps", "memory", "util", "spans", "end"), False)
         for e in events:
             if isinstance(e, StepDone):
-                steps.append((e.step, e.time_s, e.loss, e.samples_per_s, e.lr))
+                # Plots share the host's time axis; the rate is in the run's clock.
+                steps.append((e.step, e.time_s if e.host_s is None else e.host_s, e.loss, e.samples_per_s, e.lr))
                 self.last_step = e
             elif isinstance(e, MemorySample):
                 changed["memory"] |= self._memory(e)
@@ -290,6 +294,8 @@ class RunData:
         d = self._device(e.device)
         if d is None:
             return False
+        if self.clock == "modelled" and e.source != "modelled":
+            return False  # a modelled device's busy share is its compute stream's, not the CPU's
         d.util_source = e.source
         d.util_percent = e.percent
         if e.percent is not None:
@@ -298,8 +304,8 @@ class RunData:
 
     def _span(self, e: PhaseSpan) -> bool:
         d = self._device(e.device)
-        if d is None or e.phase not in PHASE_INDEX:
-            return False
+        if d is None or e.phase not in PHASE_INDEX or e.clock != self.clock:
+            return False  # one clock per run: the run's (a simulated device sends both)
         d.spans.extend((e.start_s, e.end_s, PHASE_INDEX[e.phase], e.step))
         return True
 

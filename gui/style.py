@@ -16,6 +16,7 @@ CATEGORY_COLORS: dict[str, str] = {
     "grads": "#E69F00",        # orange
     "optimizer": "#009E73",    # green: Adam's moments and friends
     "activations": "#CC79A7",  # purple: what forward keeps for backward
+    "temporaries": "#F0E442",  # yellow: alive only inside a phase (activation grads, gathered weights)
     "other": "#8C8C8C",        # grey: batch, outputs, loss, allocator slack
 }
 PHASE_COLORS: dict[str, str] = {

@@ -146,7 +146,7 @@ def test_fsdp_reshard_after_forward_frees_the_gathered_weights():
 
 def test_fsdp_times_its_collectives():
     events = run("mlp", "fsdp", placement__reshard_after_forward=False)
-    comm = [e for e in events if isinstance(e, PhaseSpan) and e.phase == "communication"]
+    comm = [e for e in events if isinstance(e, PhaseSpan) and e.phase == "communication" and e.clock == "host"]
     assert {e.device for e in comm} == {0, 1}
     assert all(e.end_s >= e.start_s for e in comm)
     for device in (0, 1):
@@ -158,8 +158,8 @@ def test_fsdp_times_its_collectives():
 
 def test_ddp_times_its_all_reduce():
     events = run("mlp", "ddp")
-    comm = [e for e in events if isinstance(e, PhaseSpan) and e.phase == "communication"]
-    backward = {(e.device, e.step): e for e in events if isinstance(e, PhaseSpan) and e.phase == "backward"}
+    comm = [e for e in events if isinstance(e, PhaseSpan) and e.phase == "communication" and e.clock == "host"]
+    backward = {(e.device, e.step): e for e in events if isinstance(e, PhaseSpan) and e.phase == "backward" and e.clock == "host"}
     assert {e.device for e in comm} == {0, 1}
     for e in comm:  # the all-reduce overlaps backward and ends before it does
         b = backward[(e.device, e.step)]

@@ -35,8 +35,8 @@ def _bytes(modules) -> int:
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 
-def _spans(events, step: int) -> list[PhaseSpan]:
-    return [e for e in events if isinstance(e, PhaseSpan) and e.step == step]
+def _spans(events, step: int, clock: str = "host") -> list[PhaseSpan]:
+    return [e for e in events if isinstance(e, PhaseSpan) and e.step == step and e.clock == clock]
 
 
 def _overlap(a: PhaseSpan, b: PhaseSpan) -> float:

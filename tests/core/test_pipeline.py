@@ -33,7 +33,7 @@ def _spans(events: list, device: int) -> dict[int, list[PhaseSpan]]:
     """A device's spans by step, in time order."""
     out: dict[int, list[PhaseSpan]] = {}
     for e in events:
-        if isinstance(e, PhaseSpan) and e.device == device:
+        if isinstance(e, PhaseSpan) and e.device == device and e.clock == "host":
             out.setdefault(e.step, []).append(e)
     return {step: sorted(spans, key=lambda s: s.start_s) for step, spans in out.items()}
 

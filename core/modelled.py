@@ -1,0 +1,70 @@
+"""A rank's modelled clock: on sampled steps the recorder's op list (core.clock) is laid
+out across every rank (core.schedule), and the step's spans, utilization and duration
+are taken from that layout in modelled seconds.  Every step, sampled or not, advances
+the clock by the last modelled step time: shapes are fixed from step to step, and so
+are the modelled durations.  Host time is untouched: a simulated device sends both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .clock import GpuModel, OpLog, gpu_models
+from .events import PHASES, PhaseSpan, UtilizationSample
+from .schedule import Timeline, idle, schedule
+
+
+class ModelledClock:
+    def __init__(self, ctx: Any, where: Any) -> None:
+        cfg = ctx.cfg
+        simulated = all(d.kind == "sim" for d in ctx.local_devices)
+        self.gpu: GpuModel | None = None
+        if simulated and cfg.sim.gpu != "host":
+            self.gpu = gpu_models().get(cfg.sim.gpu)
+        self.ctx, self.where, self.tf32 = ctx, where, cfg.sim.tf32
+        self.now = 0.0
+        """Modelled seconds since the run started, at the end of the last step."""
+        self.step_s = 0.0
+        self._laid: tuple[float, Timeline] | None = None
+
+    def start(self) -> OpLog | None:
+        return OpLog(self.gpu, self.where, self.tf32) if self.gpu is not None else None
+
+    def lay_out(self, log: OpLog | None) -> None:
+        """The step's ops, with every rank's, on modelled streams."""
+        if log is None:
+            return
+        logs = {self.ctx.rank: log.ops}
+        group = self.ctx.control_group
+        if self.ctx.world > 1 and group is not None:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.ctx.world
+            dist.all_gather_object(gathered, log.ops, group=group)
+            logs = dict(enumerate(gathered))
+        timeline = schedule(logs)
+        self.step_s = timeline.step_s
+        self._laid = (self.now, timeline)
+
+    def advance(self) -> None:
+        self.now += self.step_s
+
+    def events(self, step: int, host_s: float) -> list[Any]:
+        """This rank's devices' spans of the last laid-out step, and their utilization."""
+        if self._laid is None:
+            return []
+        start, tl = self._laid
+        self._laid = None
+        out: list[Any] = []
+        for d in self.ctx.local_devices:
+            compute = tl.compute.get(d.index, [])
+            for phase, s, e in compute:
+                phase = phase if phase in PHASES else "forward"
+                out.append(PhaseSpan(d.index, phase, start + s, start + e, step, "modelled"))
+            for s, e in idle(compute, tl.step_s):
+                out.append(PhaseSpan(d.index, "idle", start + s, start + e, step, "modelled"))
+            for name, s, e, nbytes in tl.comm.get(d.index, []):
+                out.append(PhaseSpan(d.index, "communication", start + s, start + e, step, "modelled", nbytes, name))
+            out.append(UtilizationSample(d.index, 100 * tl.busy_share(d.index), host_s, "modelled",
+                                         {"step_s": tl.step_s, "flops": tl.flops.get(d.index, 0.0)}))
+        return out
