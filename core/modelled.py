@@ -7,11 +7,12 @@ are the modelled durations.  Host time is untouched: a simulated device sends bo
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .clock import GpuModel, OpLog, gpu_models
 from .events import PHASES, PhaseSpan, UtilizationSample
-from .schedule import Timeline, idle, schedule
+from .schedule import ScheduleError, Timeline, idle, schedule
 
 
 class ModelledClock:
@@ -42,7 +43,12 @@ class ModelledClock:
             gathered: list[Any] = [None] * self.ctx.world
             dist.all_gather_object(gathered, log.ops, group=group)
             logs = dict(enumerate(gathered))
-        timeline = schedule(logs)
+        try:
+            timeline = schedule(logs)
+        except ScheduleError as e:  # keep the last step time; a timeline made up would mislead
+            log.ops.clear()
+            warnings.warn(f"paralab: no modelled timeline for this step: {e}", stacklevel=1)
+            return
         self.step_s = timeline.step_s
         self._laid = (self.now, timeline)
 

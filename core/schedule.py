@@ -14,8 +14,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from .clock import Op
+
+
+class ScheduleError(RuntimeError):
+    """The ranks' op lists do not pair up (a collective or a transfer without its partner)."""
 
 
 @dataclass
@@ -35,7 +40,7 @@ class Timeline:
 def schedule(logs: dict[int, list[Op]]) -> Timeline:
     """`logs`: each rank's ops in program order (ranks of one run, or one process)."""
     compute_free: dict[int, float] = defaultdict(float)
-    comm_free: dict[int, float] = defaultdict(float)
+    comm_free: dict[tuple[int, str], float] = defaultdict(float)  # (device, stream)
     ready: dict[tuple[int, int], float] = {}
     cursor = dict.fromkeys(logs, 0)
     seq: dict[tuple[int, str], int] = defaultdict(int)
@@ -47,28 +52,37 @@ def schedule(logs: dict[int, list[Op]]) -> Timeline:
     def inputs_ready(rank: int, op: Op) -> float:
         return max((ready.get((rank, s), 0.0) for s in op.reads), default=0.0)
 
+    pending: dict[tuple[int, int], tuple[str, int]] = {}  # (rank, storage) a transfer will write
+
     progress = True
     while progress:
         progress = False
         for rank, ops in logs.items():
             while cursor[rank] < len(ops):
                 op = ops[cursor[rank]]
+                if any((rank, s) in pending for s in op.reads):
+                    break  # it reads what a transfer still in flight will write
                 if op.kind == "comm" and op.group:
+                    # Issued and left to run (NCCL is asynchronous, p2p ops are grouped):
+                    # the rank goes on, and whatever reads the result waits above.
                     key = (op.group, seq[(rank, op.group)])
-                    if rank not in arrived[key]:
-                        issue = max(compute_free[op.device], inputs_ready(rank, op))
-                        arrived[key][rank] = (op, issue)
-                    if not _complete(arrived[key], op):
-                        break  # wait for the other members
-                    _resolve(arrived.pop(key), comm_free, ready, comm)
-                    for member in {m for m in _ranks(op) if m in cursor}:
-                        seq[(member, op.group)] += 1
-                        cursor[member] += 1
+                    seq[(rank, op.group)] += 1
+                    arrived[key][rank] = (op, max(compute_free[op.device], inputs_ready(rank, op)))
+                    for s in op.writes:
+                        pending[(rank, s)] = key
+                    if _complete(arrived[key], op, logs):
+                        done = arrived.pop(key)
+                        _resolve(done, comm_free, ready, comm)
+                        for member, (member_op, _) in done.items():
+                            for s in member_op.writes:
+                                if pending.get((member, s)) == key:
+                                    del pending[(member, s)]
+                    cursor[rank] += 1
                     progress = True
                     continue
                 if op.kind == "comm":  # a copy between two devices of one process
-                    start = max(comm_free[op.device], inputs_ready(rank, op))
-                    end = comm_free[op.device] = start + op.seconds
+                    start = max(comm_free[(op.device, "copy")], inputs_ready(rank, op))
+                    end = comm_free[(op.device, "copy")] = start + op.seconds
                     comm[op.device].append((op.name, start, end, op.bytes))
                 elif op.kind == "compute":
                     start = max(compute_free[op.device], inputs_ready(rank, op))
@@ -81,12 +95,11 @@ def schedule(logs: dict[int, list[Op]]) -> Timeline:
                     ready[(rank, s)] = max(ready.get((rank, s), 0.0), end)
                 cursor[rank] += 1
                 progress = True
-    # Whatever could not be matched (a rank traced alone) still counts on its own streams.
-    for rank, ops in logs.items():
-        for op in ops[cursor[rank]:]:
-            start = max(comm_free[op.device], compute_free[op.device])
-            end = comm_free[op.device] = start + op.seconds
-            comm[op.device].append((op.name, start, end, op.bytes))
+    for parts in arrived.values():  # a collective some member never issued (a rank traced alone)
+        _resolve(parts, comm_free, ready, comm)
+    stuck = {rank: len(ops) - cursor[rank] for rank, ops in logs.items() if cursor[rank] < len(ops)}
+    if stuck:  # the ranks' programs do not pair up: say so rather than invent a timeline
+        raise ScheduleError(f"ops left unscheduled per rank: {stuck}")
     ends = [e for spans in compute.values() for _, _, e in spans] + [e for c in comm.values() for *_, e, _ in c]
     tl.step_s = max(ends, default=0.0)
     tl.compute, tl.comm = dict(compute), dict(comm)
@@ -100,18 +113,24 @@ def _ranks(op: Op) -> tuple[int, ...]:
     return op.members
 
 
-def _complete(arrived: dict[int, tuple[Op, float]], op: Op) -> bool:
-    return all(m in arrived for m in _ranks(op))
+def _stream(op: Op) -> str:
+    return "-".join(sorted(op.group.split("->"))) if op.name in ("send", "recv") else op.group
+
+
+def _complete(arrived: dict[int, tuple[Op, float]], op: Op, present: Any) -> bool:
+    """Every member has issued it (members whose ops are not given count as issued)."""
+    return all(m in arrived for m in _ranks(op) if m in present)
 
 
 def _resolve(arrived: dict[int, tuple[Op, float]], comm_free: dict[int, float],
              ready: dict[tuple[int, int], float], comm: dict) -> None:
-    """Every member's part of one collective (or a send and its receive) runs together."""
-    start = max(max(issue, comm_free[op.device]) for op, issue in arrived.values())
+    """Every member's part of one collective (or a send and its receive) runs together, on
+    the stream of its communicator (NCCL: one per process group, one per pair for p2p)."""
+    start = max(max(issue, comm_free[(op.device, _stream(op))]) for op, issue in arrived.values())
     seconds = max(op.seconds for op, _ in arrived.values())
     end = start + seconds
     for rank, (op, _) in arrived.items():
-        comm_free[op.device] = end
+        comm_free[(op.device, _stream(op))] = end
         comm[op.device].append((op.name, start, end, op.bytes))
         for s in op.writes:
             ready[(rank, s)] = end

@@ -62,7 +62,7 @@ def fake_world(rank: int, world: int):
 
 def optimizer_for(params, cfg: RunConfig) -> torch.optim.Optimizer:
     kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.train.optimizer]
-    return kind(params, lr=cfg.train.lr)
+    return kind(params, lr=cfg.train.lr, foreach=True)  # as torch runs it on a GPU
 
 
 def tracked_peak(cfg: RunConfig, model: torch.nn.Module, optimizer, batch, tracker_cls=MemTracker,

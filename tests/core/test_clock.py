@@ -1,0 +1,166 @@
+"""Simulated devices keep a GPU's time: modelled spans, step times and utilization.
+
+Checked against what does not come from paralab: the roofline of torch's own FLOP count
+(6·N·B for a matmul-dominated step), the pipeline bubble formula (p-1)/(m+p-1), the
+bytes of the gradients DDP must all-reduce, and the determinism the model promises
+(the host's load must not move a modelled figure).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+from paralab.core.clock import collective_seconds, gpu_models
+from paralab.core.config import RunConfig
+from paralab.core.events import PhaseSpan, RunStarted, StepDone, UtilizationSample
+from paralab.core.models import build_model, count_params
+from paralab.core.parallel.pipeline import ideal_bubble
+
+from tests.helpers import ended, run_events
+
+pytestmark = pytest.mark.usefixtures("no_leftover_ranks")
+
+H100 = gpu_models()["H100 SXM"]
+MLP = {"model.kind": "mlp", "model.width": 256, "model.depth": 2, "train.batch_size": 64, "train.steps": 3}
+
+
+def run(settings: dict, **extra) -> list:
+    cfg = RunConfig().with_overrides({**settings, **{k.replace("__", "."): v for k, v in extra.items()}})
+    events = run_events(cfg)
+    assert ended(events).status == "ok", ended(events).message
+    return events
+
+
+def modelled(events: list, step: int | None = None) -> list[PhaseSpan]:
+    return [e for e in events if isinstance(e, PhaseSpan) and e.clock == "modelled" and step in (None, e.step)]
+
+
+def step_seconds(events: list) -> list[float]:
+    times = [e.time_s for e in events if isinstance(e, StepDone)]
+    return [b - a for a, b in zip([0.0, *times], times)]
+
+
+def test_the_start_names_the_clock_and_the_gpu():
+    events = run(MLP, mode="ddp", devices="sim:2", sim__gpu="A100 80GB")
+    start = next(e for e in events if isinstance(e, RunStarted))
+    assert start.clock == "modelled: 2 × A100 80GB over NVLink 3" and start.gpu["bf16_tflops"] == 312.0
+    host = run(MLP, mode="single", devices="sim:1", sim__gpu="host")
+    assert next(e for e in host if isinstance(e, RunStarted)).clock == "host" and not modelled(host)
+
+
+def test_alpha_beta_costs_follow_nccl_tests():
+    s, n = 2**30, 8
+    beta, alpha = 1 / (H100.link_gbs * 1e9), H100.link_latency_us * 1e-6
+    assert collective_seconds("all-reduce", s, n, H100) == pytest.approx(2 * 7 / 8 * s * beta + 14 * alpha)
+    assert collective_seconds("all-gather", s, n, H100) == pytest.approx(7 / 8 * s * beta + 7 * alpha)
+    assert collective_seconds("send", s, 2, H100) == pytest.approx(s * beta + alpha)
+
+
+@pytest.mark.slow
+def test_matmul_dominated_step_is_6NB_over_peak():
+    """Forward 2·N·B FLOPs, backward 4·N·B; SGD without momentum adds one pass over the
+    weights (2% at this batch), and the ReLUs, residual adds and loss are memory-bound
+    passes over the activations (about 5% at this width).  Launch costs: ~40 kernels ×
+    2.5 µs, about 1%."""
+    settings = {"model.kind": "mlp", "model.width": 2048, "model.depth": 2, "model.in_features": 2048,
+                "model.out_features": 2048, "train.batch_size": 2048, "train.steps": 2,
+                "train.optimizer": "sgd", "data.samples": 2048}
+    events = run(settings, mode="single", devices="sim:1")
+    n = count_params(build_model(RunConfig().with_overrides(settings).model, 0, device="meta"))
+    ideal = 6 * n * 2048 / (H100.fp32_tflops * 1e12)
+    got = step_seconds(events)[-1]
+    assert abs(got - ideal) / ideal < 0.10, (got, ideal)
+
+
+def _hog(stop) -> None:
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+def test_modelled_step_times_do_not_move_with_the_hosts_load():
+    quiet = step_seconds(run(MLP, mode="ddp", devices="sim:2"))
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    hogs = [ctx.Process(target=_hog, args=(stop,)) for _ in range(os.cpu_count() or 2)]
+    for h in hogs:
+        h.start()
+    try:
+        loaded = step_seconds(run(MLP, mode="ddp", devices="sim:2"))
+    finally:
+        stop.set()
+        for h in hogs:
+            h.join()
+    for a, b in zip(quiet[1:], loaded[1:]):
+        assert abs(a - b) <= 0.005 * a, (quiet, loaded)
+
+
+def test_ddp_all_reduces_the_gradients_while_backward_runs():
+    events = run(MLP, mode="ddp", devices="sim:4")
+    params = count_params(build_model(RunConfig().with_overrides(MLP).model, 0, device="meta")) * 4
+    step = modelled(events, 3)
+    for d in range(4):
+        comm = [s for s in step if s.device == d and s.phase == "communication"]
+        assert {s.name for s in comm} == {"all-reduce"} and sum(s.bytes for s in comm) == params
+        backward = [s for s in step if s.device == d and s.phase == "backward"]
+        # At least one bucket is reduced while backward still computes: they overlap.
+        assert any(c.start_s < b.end_s and b.start_s < c.end_s for c in comm for b in backward)
+    compute = sum(s.end_s - s.start_s for s in step if s.device == 0 and s.phase in ("forward", "backward", "optimizer"))
+    comm = sum(s.end_s - s.start_s for s in step if s.device == 0 and s.phase == "communication")
+    assert step_seconds(events)[-1] < compute + comm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_the_bubble_shrinks_with_micro_batches_as_the_formula_says(schedule):
+    """Two balanced stages (a block each; the narrow ends are cheap), micro-batches 2, 4, 8.
+    The formula assumes equal stages and free communication; the modelled stages differ by
+    the loss's kernels and the first stage's missing input gradient (a few µs each)."""
+    settings = {"model.kind": "mlp", "model.width": 1024, "model.depth": 2, "model.in_features": 8,
+                "model.out_features": 8, "train.batch_size": 256, "train.steps": 2, "train.optimizer": "sgd",
+                "placement.split": "2,2", "mode": "pipeline", "devices": "sim:2", "train.schedule": schedule}
+    shares = []
+    for m in (2, 4, 8):
+        step = modelled(run(settings, train__micro_batches=m), 2)
+        start = min(s.start_s for s in step if s.phase in ("forward", "backward"))
+        end = max(s.end_s for s in step if s.phase == "backward")
+        busy = [sum(min(s.end_s, end) - max(s.start_s, start) for s in step
+                    if s.device == d and s.phase in ("forward", "backward")) for d in (0, 1)]
+        shares.append([1 - b / (end - start) for b in busy])
+        for share in shares[-1]:
+            assert abs(share - ideal_bubble(2, m)) < 0.075, (m, shares[-1], ideal_bubble(2, m))
+    for d in (0, 1):
+        assert shares[0][d] > shares[1][d] > shares[2][d], shares
+
+
+def test_communication_shows_in_tensor_parallel_and_pipeline():
+    tp = modelled(run(MLP, mode="tensor-parallel", devices="sim:2"), 3)
+    assert {s.name for s in tp if s.phase == "communication"} == {"all-reduce"}
+    pp = modelled(run(MLP, mode="pipeline", devices="sim:2", train__micro_batches=2), 3)
+    assert {s.name for s in pp if s.phase == "communication"} == {"send", "recv"}
+
+
+def test_data_parallel_replicas_run_side_by_side_and_model_parallel_takes_turns():
+    dp = modelled(run(MLP, mode="data-parallel", devices="sim:2"), 3)
+    fwd = {d: [s for s in dp if s.device == d and s.phase == "forward"] for d in (0, 1)}
+    assert any(a.start_s < b.end_s and b.start_s < a.end_s for a in fwd[0] for b in fwd[1])
+    # Model parallel: while one device computes forward or backward the other waits, so
+    # their busy shares of that window add up to at most 100% (each then steps its own
+    # optimizer, and those steps do overlap, as on two GPUs).
+    mp = modelled(run(MLP, mode="model-parallel", devices="sim:2"), 3)
+    start = min(s.start_s for s in mp)
+    end = max(s.end_s for s in mp if s.phase == "backward")
+    busy = sum(s.end_s - s.start_s for s in mp if s.phase in ("forward", "backward"))
+    assert busy <= (end - start) * 1.000001, (busy, end - start)
+
+
+@pytest.mark.slow
+def test_ddp_on_eight_devices_trains_faster_than_on_two():
+    settings = {"model.kind": "mlp", "model.width": 1024, "model.depth": 2, "train.batch_size": 512,
+                "train.steps": 2, "mode": "ddp"}
+    rate = {}
+    for n in (2, 8):
+        events = run(settings, devices=f"sim:{n}")
+        rate[n] = [e.samples_per_s for e in events if isinstance(e, StepDone)][-1]
+    assert rate[8] > rate[2], rate
