@@ -212,6 +212,7 @@ class _Supervisor:
         self.stop_at: float | None = None
         self.steps_done = 0
         self.store: Any = None
+        self._store_socket: socket.socket | None = None
         strategy = STRATEGIES[run.config.mode]
         self.loss_ranks = {run.world - 1} if strategy.loss_from_last_rank else set(range(run.world))
         self._pending: dict[int, list[tuple[float, float, float]]] = {}
@@ -271,8 +272,11 @@ class _Supervisor:
 
             import torch.distributed as dist
 
-            self.store = dist.TCPStore("127.0.0.1", 0, run.world + 1, is_master=True,
-                                       timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+            # Bound to loopback by us: given "127.0.0.1" alone, the store listens on every interface.
+            self._store_socket = worker.loopback_socket()
+            self.store = dist.TCPStore("127.0.0.1", self._store_socket.getsockname()[1], run.world + 1,
+                                       is_master=True, timeout=datetime.timedelta(seconds=60),
+                                       wait_for_workers=False, master_listen_fd=self._store_socket.fileno())
             gpus = {d.gpu for d in run.devices if d.kind == "cuda"}
             backend = "nccl" if len(gpus) == run.world else "gloo"
         for rank in range(run.world):
@@ -446,3 +450,7 @@ class _Supervisor:
                 reader.close()
         self.readers.clear()
         self.store = None
+        if self._store_socket is not None:
+            with contextlib.suppress(OSError):
+                self._store_socket.close()
+            self._store_socket = None
