@@ -131,6 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print(instructions(run.listener.address, run.world, run.authkey, run.authkey_generated),
               file=sys.stderr, flush=True)
+        run.listener.on_turned_away = lambda why: print(f"paralab: {why}", file=sys.stderr, flush=True)
     signals = {"count": 0, "code": 0}
 
     def on_signal(signum: int, _frame: Any) -> None:

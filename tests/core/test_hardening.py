@@ -48,3 +48,57 @@ def test_a_local_run_listens_on_loopback_only(no_leftover_ranks):
     wide = [s for s in seen if not (s[0].startswith("127.") or s[0] == "::1")]
     assert not wide, f"listening beyond loopback: {wide}"
     assert not answered, f"reachable from the machine's own address: {answered}"
+
+
+# ---- item 2: the torchrun listener ------------------------------------------------------------
+
+
+def _hello(rank: int = 0):
+    from paralab.core.remote import Hello
+
+    return Hello(rank, 1, 0, 1, socket.gethostname(), 1)
+
+
+def test_listener_closes_idle_and_surplus_sockets_and_still_admits_the_rank(monkeypatch):
+    from paralab.core import remote
+
+    monkeypatch.setattr(remote, "HANDSHAKE_S", 1.0)
+    listener = remote.RankListener("127.0.0.1:0", "k3y")
+    address = listener.address
+    idle = [socket.create_connection(address) for _ in range(remote.MAX_UNAUTHENTICATED + 20)]
+    try:
+        got: list = []
+        thread = threading.Thread(target=lambda: got.append(remote._connect(address, b"k3y", 0)), daemon=True)
+        thread.start()
+        thread.join(30)
+        assert got, "the rank did not get through the crowd of idle sockets"
+        got[0].send(_hello())
+        (conn, hello), = listener.gather(1, lambda: False, timeout_s=30)
+        assert hello.rank == 0
+        conn.close()
+        # Every idle socket was closed by the listener (deadline or cap), not left holding a thread.
+        for s in idle:
+            s.settimeout(10)
+            with contextlib.suppress(OSError):
+                while s.recv(4096):
+                    pass
+        assert listener.turned_away >= len(idle)
+    finally:
+        listener.close()
+        for s in idle:
+            s.close()
+
+
+def test_a_wrong_key_is_refused_with_a_sentence():
+    from multiprocessing.connection import AuthenticationError
+
+    from paralab.core import remote
+
+    listener = remote.RankListener("127.0.0.1:0", "right")
+    try:
+        with pytest.raises(AuthenticationError, match="refused the key"):
+            remote._connect(listener.address, b"wrong", 0)
+        with pytest.raises(remote.Aborted, match="failed the handshake"):
+            listener.gather(1, lambda: False, timeout_s=1)
+    finally:
+        listener.close()
