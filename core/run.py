@@ -27,7 +27,8 @@ from typing import Any
 from . import remote, worker
 from .config import ConfigError, RunConfig
 from .devices import Device, parse_spec, resolve
-from .events import Event, EventWriter, RunEnded, RunStarted, StepDone
+from .events import Event, RunEnded, RunStarted, StepDone
+from .eventsfile import EventsFile, any_problem
 from .parallel import STRATEGIES, world_size
 from .telemetry import Sampler
 
@@ -80,6 +81,8 @@ class Run:
         """listen='HOST:PORT': do not start ranks, wait for `ranks` that torchrun starts (core.remote)."""
         problems = (remote.problems(config, ranks) if listen is not None
                     else config.validate(resolve_devices=devices is None))
+        if metrics and (problem := any_problem(metrics)):
+            problems = [*problems, problem]
         if problems:
             raise ConfigError("; ".join(problems))
         self.config = config
@@ -101,6 +104,8 @@ class Run:
         self.remote_ranks: list[remote.Hello] = []
         """Listen mode: the torchrun ranks, by rank, once they have all said hello."""
         self.connect_timeout_s = connect_timeout_s
+        self.events_problem = ""
+        """Why the events file misses lines (a failed write, deleted mid-run); '' when it has them all."""
         if listen is not None:
             self.authkey, self.authkey_generated = remote.authkey()
             self.listener = remote.RankListener(listen, self.authkey)
@@ -132,21 +137,29 @@ class Run:
     # ---- the run -------------------------------------------------------------------------------
 
     def events(self) -> Iterator[Event]:
-        writer = EventWriter(self.metrics) if self.metrics else None
+        writer = EventsFile(self.metrics) if self.metrics else None
         t0 = perf_counter()
         supervisor = _Supervisor(self, t0)
         sampler: Sampler | None = None
+
+        def write(events: list[Event]) -> None:
+            # A failed write (disk full, file deleted) ends the run, never the teardown.
+            if writer is None or not events:
+                return
+            writer.write(events)
+            if writer.problem and self.ended is None and supervisor.write_failed is None:
+                supervisor.write_failed = writer.problem
+                self.stop()
+
         try:
             if self.listener is not None:  # the ranks first: their GPUs are the run's devices
                 self.ended = supervisor.gather()
                 t0 = supervisor.t0 = perf_counter()  # times count from when the ranks are all here
             start = self._started()
-            if writer:
-                writer.write([start])
+            write([start])
             yield start
             if self.ended is not None:  # stopped or refused before every rank came
-                if writer:
-                    writer.write([self.ended])
+                write([self.ended])
                 yield self.ended
                 return
             supervisor.launch()
@@ -154,21 +167,22 @@ class Run:
             sampler.start()
             while self.ended is None:
                 batch = sampler.merge(supervisor.poll())
-                if writer and batch:
-                    writer.write(batch)
+                write(batch)
                 yield from batch
         finally:
-            if self.ended is None:  # closed early (Ctrl-C twice, the consumer went away)
-                self.ended = RunEnded("stopped", "the run was interrupted", None, perf_counter() - t0,
-                                      supervisor.steps_done)
+            try:
+                if self.ended is None:  # closed early (Ctrl-C twice, the consumer went away)
+                    self.ended = RunEnded("stopped", "the run was interrupted", None, perf_counter() - t0,
+                                          supervisor.steps_done)
+                    write([self.ended])
+            finally:
+                if sampler is not None:
+                    sampler.stop()
+                supervisor.teardown()
                 if writer:
-                    writer.write([self.ended])
-            if sampler is not None:
-                sampler.stop()
-            supervisor.teardown()
-            if writer:
-                writer.close()
-
+                    writer.close()
+                    if writer.problem and self.events_problem == "":
+                        self.events_problem = writer.problem
     def _started(self) -> RunStarted:
         from .models import build_model, count_params
 
@@ -222,6 +236,8 @@ class _Supervisor:
         self.remote: list[tuple[Any, remote.Hello]] = []
         """Listen mode: (connection, hello) of each torchrun rank, by rank."""
         self._sent_controls: tuple[float, ...] | None = None
+        self.write_failed: str | None = None
+        """Why the events file could not be written: the run ends `error` with it."""
 
     def gather(self) -> RunEnded | None:
         """Listen mode: wait for the torchrun ranks; a RunEnded when they cannot train."""
@@ -411,6 +427,9 @@ class _Supervisor:
         done = sorted(self.done.values(), key=lambda d: -STATUS_RANK[d.status])
         worst = done[0] if done else None
         t = now - self.t0
+        if self.write_failed is not None:
+            return RunEnded("error", f"{self.write_failed}; every rank was stopped after step {self.steps_done}",
+                            None, t, self.steps_done)
         if worst is None or (self.stop_at is not None and (worst.status in ("ok", "stopped"))):
             return RunEnded("stopped", f"stopped by request after step {self.steps_done}", None, t, self.steps_done)
         if worst.status in ("oom", "error"):

@@ -102,3 +102,94 @@ def test_a_wrong_key_is_refused_with_a_sentence():
             listener.gather(1, lambda: False, timeout_s=1)
     finally:
         listener.close()
+
+
+# ---- items 3, 4, 7: the events file ------------------------------------------------------------
+
+SINGLE = RunConfig().with_overrides({"mode": "single", "devices": "sim:1", "model.kind": "linear",
+                                     "train.batch_size": 8, "sim.gpu": "host"})
+
+
+def _disk_fills_after(monkeypatch, writes: int) -> None:
+    """os.write in the events file: `writes` succeed, the next writes half a line, then ENOSPC."""
+    import errno
+    import os
+
+    from paralab.core import eventsfile
+
+    real, calls = os.write, {"n": 0}
+
+    def write(fd, data):
+        calls["n"] += 1
+        if calls["n"] <= writes:
+            return real(fd, data)
+        if calls["n"] == writes + 1:
+            return real(fd, bytes(data)[: max(1, len(data) // 2)])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(eventsfile.os, "write", write)
+
+
+def _lines(path) -> list[dict]:
+    import json
+
+    text = path.read_text()
+    assert text.endswith("\n"), "the last line is torn"
+    return [json.loads(x) for x in text.splitlines()]
+
+
+def test_disk_full_mid_run_ends_it_with_a_sentence_and_stops_every_rank(tmp_path, monkeypatch, no_leftover_ranks):
+    metrics = tmp_path / "out.jsonl"
+    _disk_fills_after(monkeypatch, 8)
+    run = Run(TWO_RANKS.with_overrides({"train.steps": 100000}), metrics=metrics)
+    events = list(run.events())
+    end = events[-1]
+    assert isinstance(end, RunEnded) and end.status == "error", end
+    assert "disk is full" in end.message and "every rank was stopped" in end.message
+    assert not [p for p in run.pids() if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    lines = _lines(metrics)  # every line kept is whole
+    assert lines[0]["event"] == "start" and len(lines) >= 2
+    monkeypatch.undo()  # the next run works
+    assert list(Run(SINGLE.with_overrides({"train.steps": 3}), metrics=metrics).events())[-1].status == "ok"
+
+
+def test_the_cli_says_the_disk_is_full(tmp_path, monkeypatch, capsys, no_leftover_ranks):
+    from paralab.core.cli import main
+
+    _disk_fills_after(monkeypatch, 5)
+    code = main(["run", "--set", "mode=ddp", "--set", "devices=sim:2", "--set", "model.kind=linear",
+                 "--set", "train.batch_size=8", "--set", "train.steps=100000", "--metrics",
+                 str(tmp_path / "m.jsonl"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "disk is full" in err and "Traceback" not in err, err
+    _lines(tmp_path / "m.jsonl")
+
+
+def test_the_events_file_deleted_mid_run_is_said(tmp_path, no_leftover_ranks):
+    metrics = tmp_path / "out.jsonl"
+    run = Run(SINGLE.with_overrides({"train.steps": 100000}), metrics=metrics)
+    for event in run.events():
+        if isinstance(event, StepDone) and event.step == 5:
+            metrics.unlink()
+    assert run.ended.status == "error" and "was deleted" in run.ended.message, run.ended
+
+
+def test_long_runs_summarise_steps(tmp_path, monkeypatch):
+    from paralab.core import eventsfile
+
+    monkeypatch.setattr(eventsfile, "FULL_STEPS", 10)
+    monkeypatch.setattr(eventsfile, "SUMMARY_S", 3600.0)
+    f = eventsfile.EventsFile(tmp_path / "e.jsonl")
+    f.write([StepDone(s, float(s), s * 0.1, 1.0) for s in range(1, 1011)])
+    f.write([RunEnded("ok", "done", None, 1.0, 1010)])
+    f.close()
+    lines = _lines(tmp_path / "e.jsonl")
+    steps = [x for x in lines if x["event"] == "step"]
+    assert len(steps) == 11 and [s["step"] for s in steps[:10]] == list(range(1, 11))
+    last = steps[-1]
+    assert (last["first_step"], last["step"], last["loss_min"], last["loss_max"]) == (11, 1010, 11.0, 1010.0)
+    assert last["loss_mean"] == pytest.approx(510.5)
+    assert lines[-1]["event"] == "end"
+    from paralab.core.events import read_events
+
+    assert [e.step for e in read_events(tmp_path / "e.jsonl") if isinstance(e, StepDone)][-1] == 1010
