@@ -36,6 +36,8 @@ STATUS_RANK = {"ok": 0, "stopped": 1, "error": 2, "oom": 3}
 STOP_GRACE_S = 4.0
 SETUP_TIMEOUT_S = 120.0
 FAILURE_GRACE_S = 1.0
+SILENT_S = 3.0
+"""A rank that sent nothing (not even its 1 s heartbeat) for this long is stopped or frozen."""
 
 
 # What the forkserver imports once, so a rank starts in a fork, not in seconds of imports:
@@ -222,6 +224,8 @@ class _Supervisor:
         self.training: set[int] = set()
         self.where: dict[int, str] = {}
         """rank -> where its main thread is, from its heartbeat"""
+        self.heard: dict[int, float] = {}
+        """rank -> when it last sent anything (heartbeats come every second, even mid-collective)"""
         self.failure_at: float | None = None
         self.stop_at: float | None = None
         self.steps_done = 0
@@ -334,6 +338,7 @@ class _Supervisor:
             if msg.status in ("oom", "error"):
                 self.failure_at = self.failure_at or perf_counter()
             return
+        self.heard[msg.rank] = perf_counter()
         step, _ = self.progress[msg.rank]
         if msg.progress > step or (msg.started is not None and msg.rank not in self.training):
             self.progress[msg.rank] = (msg.progress, perf_counter())
@@ -397,7 +402,8 @@ class _Supervisor:
 
     def _check_hangs(self, now: float) -> None:
         """A rank that finishes no step for the hang timeout (setup gets more time) hangs.
-        Ranks blocked in a collective stall too; the one to blame is a stalled rank
+        Ranks blocked in a collective stall too, but their heartbeats go on: the one to
+        blame is the rank that went silent longest (stopped, frozen), else a stalled rank
         whose main thread is outside torch (sleeping, looping), else the lowest rank."""
         run = self.run
         if run.paused:
@@ -413,14 +419,19 @@ class _Supervisor:
         # different moments, so the one to blame may not be overdue itself yet.
         last = max(self.progress[r][0] for r in overdue)
         suspects = sorted(r for r in alive if self.progress[r][0] <= last)
-        culprit = next((r for r in suspects if "/torch/" not in self.where.get(r, "/torch/")),
-                       min(suspects, key=lambda r: (self.progress[r][0], r)))
+        silence = {r: now - self.heard.get(r, self.progress[r][1]) for r in alive}
+        silent = [r for r in alive if silence[r] > SILENT_S]
+        culprit = (max(silent, key=lambda r: (silence[r], -r)) if silent else
+                   next((r for r in suspects if "/torch/" not in self.where.get(r, "/torch/")),
+                        min(suspects, key=lambda r: (self.progress[r][0], r))))
         step = self.progress[culprit][0]
         device = self._device_of(culprit)
         where = self.where.get(culprit, "").split(" @ ")[0]
+        how = (f" (silent for {silence[culprit]:.0f} s: stopped or frozen)" if culprit in silent
+               else f" (stuck in {where})" if where else "")
         self.done[culprit] = worker.RankDone(
             culprit, "error", f"rank {culprit} ({run.devices[device].label}) hangs: no step finished for "
-            f"{timeout:g} s after step {step}" + (f" (stuck in {where})" if where else ""), device)
+            f"{timeout:g} s after step {step}" + how, device)
         self.failure_at = now
 
     def _verdict(self, now: float) -> RunEnded:

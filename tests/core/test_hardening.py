@@ -193,3 +193,33 @@ def test_long_runs_summarise_steps(tmp_path, monkeypatch):
     from paralab.core.events import read_events
 
     assert [e.step for e in read_events(tmp_path / "e.jsonl") if isinstance(e, StepDone)][-1] == 1010
+
+
+# ---- item 8: the hung rank is the one named ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_stopped_rank_is_blamed_every_time_under_load(no_leftover_ranks):
+    """kill -STOP one rank: its heartbeats stop, its peer's go on inside the collective."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the load
+    named = []
+    try:
+        for attempt in range(10):
+            victim = attempt % 2
+            run = Run(TWO_RANKS.with_overrides({"train.steps": 100000, "telemetry.hang_timeout_s": 3}))
+            stopped = None
+            for event in run.events():
+                if isinstance(event, StepDone) and event.step >= 3 and stopped is None:
+                    stopped = run.pids()[victim]
+                    os.kill(stopped, signal.SIGSTOP)
+            named.append((victim, run.ended.message))
+    finally:
+        burner.kill()
+        burner.wait()
+    wrong = [(v, m) for v, m in named if not m.startswith(f"rank {v} (sim{v}) hangs")]
+    assert not wrong, wrong
