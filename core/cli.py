@@ -42,7 +42,7 @@ def load_config(args: argparse.Namespace, check: bool = True) -> RunConfig:
     from . import presets
 
     try:
-        if getattr(args, "preset", None):
+        if getattr(args, "preset", None) is not None:
             cfg = presets.load(args.preset)
         elif getattr(args, "config", None):
             cfg = RunConfig.load(args.config)
@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None,
         for line in str(e).splitlines():
             print(f"paralab: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C before a run has its handlers (imports, checks)
+        print("\nparalab: stopped before the run started", file=sys.stderr)
+        return 130
 
 
 # ---- run ---------------------------------------------------------------------------------------
@@ -118,10 +121,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     listen = args.listen
     if (listen is None) != (args.ranks is None):
         raise BadInput("--listen HOST:PORT and --ranks N go together: wait here for N ranks that torchrun starts")
-    if listen is None:
-        prewarm()  # torch loads in the forkserver while the config is read and checked
     # Listening, the devices are the ranks' (checked by the Run), not this machine's.
     cfg = load_config(args, check=listen is None)
+    if args.metrics is not None:
+        from .eventsfile import any_problem
+
+        if problem := any_problem(args.metrics):
+            raise BadInput(problem)
+    if listen is None:
+        prewarm()  # only once the input is good: bad input starts nothing
     try:
         run = Run(cfg, metrics=args.metrics, listen=listen, ranks=args.ranks or 0)
     except ConfigError as e:
