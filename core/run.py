@@ -44,6 +44,7 @@ SILENT_S = 3.0
 # torch, every strategy, and what DDP/FSDP/pipelining import lazily on first use
 # (DDP's constructor alone pulls in ~800 modules: dynamo, inductor, sympy).
 PRELOAD = [
+    "paralab.core.lifeline",  # first: the forkserver ends when its parent does
     "torch",
     "torch.distributed._functional_collectives",
     "torch.distributed.algorithms._optimizer_overlap",

@@ -9,6 +9,7 @@ have been still for a moment.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -51,7 +52,7 @@ from ..core.config import (
 )
 from ..core.models import layer_names, split_layers
 from ..core.run import context as run_context
-from ..core.worker import name_process
+from ..core import lifeline
 
 # Two lines per mode: what it does, then what to watch while it runs.
 MODE_NOTES = {
@@ -100,7 +101,7 @@ class _EstimateProcess:
         with self._lock:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(max_workers=1, mp_context=run_context(),
-                                                 initializer=name_process, initargs=("paralab-predict",))
+                                                 initializer=lifeline.helper, initargs=("paralab-predict", os.getpid()))
             pool = self._pool
         try:
             return pool.submit(estimate, cfg, "both").result()
