@@ -212,6 +212,22 @@ class Run:
         return [d for d in self.devices if d.kind == "sim" or hosts.get(d.index, here) == here]
 
 
+def _dead_forkserver() -> int | None:
+    """The pid of multiprocessing's forkserver when it has died (it is our child: a zombie
+    until reaped), else None."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if not pid:
+        return None
+    try:
+        import psutil
+
+        return pid if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE else None
+    except Exception:  # noqa: BLE001 -- gone altogether (reaped): dead
+        return pid
+
+
 class _Supervisor:
     """Starts the ranks, reads their pipes, turns batches into events, decides the end."""
 
@@ -383,6 +399,9 @@ class _Supervisor:
             code = p.exitcode
             how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
                    else f"exited with code {code}" if code is not None else "stopped answering")
+            if code == 255 and (server := _dead_forkserver()):  # 255: the forkserver could not say
+                how = (f"ended because the forkserver that starts the ranks (pid {server}) died; "
+                       "it is started afresh for the next run")
         device = self._device_of(rank)
         return worker.RankDone(rank, "error", f"rank {rank} ({self.run.devices[device].label}) {how}", device)
 

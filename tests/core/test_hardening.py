@@ -223,3 +223,19 @@ def test_the_stopped_rank_is_blamed_every_time_under_load(no_leftover_ranks):
         burner.wait()
     wrong = [(v, m) for v, m in named if not m.startswith(f"rank {v} (sim{v}) hangs")]
     assert not wrong, wrong
+
+
+# ---- item 9: what died ---------------------------------------------------------------------------
+
+
+def test_a_killed_forkserver_is_named(no_leftover_ranks):
+    import os
+    import signal
+    from multiprocessing import forkserver
+
+    run = Run(TWO_RANKS.with_overrides({"train.steps": 100000}))
+    for event in run.events():
+        if isinstance(event, StepDone) and event.step == 3:
+            os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+    assert run.ended.status == "error" and "forkserver" in run.ended.message, run.ended
+    assert list(Run(SINGLE.with_overrides({"train.steps": 2})).events())[-1].status == "ok"  # the next run works
