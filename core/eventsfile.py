@@ -105,13 +105,17 @@ class EventsFile:
         view = memoryview(data)
         try:
             while view:
-                n = os.write(fd, view)
+                n = self._write_some(fd, view)
                 if n <= 0:
                     raise OSError(errno.EIO, "nothing was written")
                 view = view[n:]
             self._good += len(data)
         except OSError as e:
             self._fail(e)
+
+    @staticmethod
+    def _write_some(fd: int, data: memoryview) -> int:
+        return os.write(fd, data)  # one place to fail in tests (a full disk)
 
     def _check_deleted(self) -> None:
         self._checked_at = monotonic()

@@ -111,7 +111,7 @@ SINGLE = RunConfig().with_overrides({"mode": "single", "devices": "sim:1", "mode
 
 
 def _disk_fills_after(monkeypatch, writes: int) -> None:
-    """os.write in the events file: `writes` succeed, the next writes half a line, then ENOSPC."""
+    """The events file's writes: `writes` succeed, the next writes half a line, then ENOSPC."""
     import errno
     import os
 
@@ -127,7 +127,7 @@ def _disk_fills_after(monkeypatch, writes: int) -> None:
             return real(fd, bytes(data)[: max(1, len(data) // 2)])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(eventsfile.os, "write", write)
+    monkeypatch.setattr(eventsfile.EventsFile, "_write_some", staticmethod(write))
 
 
 def _lines(path) -> list[dict]:
