@@ -123,17 +123,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise BadInput("--listen HOST:PORT and --ranks N go together: wait here for N ranks that torchrun starts")
     # Listening, the devices are the ranks' (checked by the Run), not this machine's.
     cfg = load_config(args, check=listen is None)
-    if args.metrics is not None:
+    if args.metrics is not None:  # '' included: a Run would take it for "no file"
         from .eventsfile import any_problem
 
         if problem := any_problem(args.metrics):
             raise BadInput(problem)
-    if listen is None:
-        prewarm()  # only once the input is good: bad input starts nothing
-    try:
+    try:  # checks what only a run needs (host memory, --metrics); starts nothing
         run = Run(cfg, metrics=args.metrics, listen=listen, ranks=args.ranks or 0)
     except ConfigError as e:
         raise BadInput(str(e)) from None
+    if listen is None:
+        prewarm()  # only once the input is good: bad input starts nothing
     if run.listener is not None:
         from .remote import instructions
 

@@ -84,6 +84,15 @@ class Run:
         """listen='HOST:PORT': do not start ranks, wait for `ranks` that torchrun starts (core.remote)."""
         problems = (remote.problems(config, ranks) if listen is not None
                     else config.validate(resolve_devices=devices is None))
+        if not problems and listen is None:  # a run, not an estimate: will it fit in this machine?
+            from . import hostmem
+
+            n = len(devices) if devices is not None else len(resolve(config.devices, config.sim.memory))
+            sim = all(d.kind == "sim" for d in devices) if devices is not None else \
+                parse_spec(config.devices).kind == "sim" or all(
+                    d.kind == "sim" for d in resolve(config.devices, config.sim.memory))
+            if problem := hostmem.problem(config, n, sim):
+                problems = [problem]
         if metrics and (problem := any_problem(metrics)):
             problems = [*problems, problem]
         if problems:

@@ -87,21 +87,7 @@ def problems(cfg: RunConfig, *, resolve_devices: bool = True) -> list[str]:
     if n is None:
         return out
     out.extend(layout_problems(cfg, n))
-    if not out:
-        from . import hostmem
-        from .devices import parse_spec
-
-        sim = parse_spec(cfg.devices).kind == "sim" or (cfg.devices == "auto" and not _has_gpus(resolve_devices))
-        need(not (problem := hostmem.problem(cfg, n, sim)), problem)
     return out
-
-
-def _has_gpus(resolve_devices: bool) -> bool:
-    if not resolve_devices:
-        return False
-    from . import nvml
-
-    return bool(nvml.list_gpus())
 
 
 def _device_count(cfg: RunConfig, resolve_devices: bool, out: list[str]) -> int | None:
