@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 
 POLL_S = 0.5
 _armed_in = 0
@@ -40,10 +41,11 @@ def arm(watch: int | None = None) -> None:
         return False
 
     def run() -> None:
-        stop = threading.Event()
-        while not stop.wait(POLL_S):
-            if gone():
-                os._exit(0)
+        # Only sleep and getppid: the forkserver forks while this thread runs, and a lock
+        # held here at that moment would stay held in the child.
+        while not gone():
+            time.sleep(POLL_S)
+        os._exit(0)
 
     threading.Thread(target=run, daemon=True, name="paralab-lifeline").start()
 
