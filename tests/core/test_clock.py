@@ -14,7 +14,7 @@ import os
 import pytest
 from paralab.core.clock import collective_seconds, gpu_models
 from paralab.core.config import RunConfig
-from paralab.core.events import PhaseSpan, RunStarted, StepDone, UtilizationSample
+from paralab.core.events import PhaseSpan, RunStarted, StepDone
 from paralab.core.models import build_model, count_params
 from paralab.core.parallel.pipeline import ideal_bubble
 
