@@ -61,12 +61,16 @@ def test_trace_is_within_5_percent_of_the_measured_peak(mode, devices, model, no
 
 def test_predicted_out_of_memory_is_the_device_the_run_loses(no_leftover_ranks):
     # model-parallel puts the embedding on device 0 and everything else on device 1.
-    gpt = {**TINY_GPT, "model.width": 128, "model.seq_len": 32, "model.vocab": 512}
+    gpt = {**TINY_GPT, "model.width": 128, "model.seq_len": 32, "model.vocab": 512, "train.batch_size": 64}
     cfg = config(mode="model-parallel", devices="sim:2", placement__split="1,3", **gpt)
     free = estimate(cfg, method="trace")
     heavy = max(free.devices, key=lambda d: d.peak_bytes)
     light = min(free.devices, key=lambda d: d.peak_bytes)
-    capacity = (heavy.peak_bytes + light.peak_bytes) // 2
+    # Below the heavy device's peak, above what it keeps from step to step (a run that
+    # cannot even hold that is refused before it starts).
+    state = sum(heavy.bytes[c] for c in ("params", "grads", "optimizer"))
+    capacity = (heavy.peak_bytes + max(light.peak_bytes, state)) // 2
+    assert state < capacity < heavy.peak_bytes
     tight = cfg.with_overrides({"sim.memory": capacity})
     predicted = estimate(tight, method="trace")
     assert [d.fits for d in predicted.devices] == [d is light for d in free.devices]
@@ -223,3 +227,23 @@ def test_compare_gives_the_error_of_each_prediction():
         assert r["trace"] == d.peak_bytes and r["trace_error_pct"] == pytest.approx(10.0, abs=0.01)
         assert r["formula"] == result.by_method["formula"][d.device].peak_bytes
     assert compare(result, [])[0]["trace_error_pct"] is None
+
+
+# ---- never build what cannot fit ---------------------------------------------------------------
+
+
+def test_a_run_that_cannot_hold_its_state_is_refused_before_any_rank_builds(capsys):
+    # 6.7 billion parameters, sharded over two 5 GiB devices: 13 GiB of parameters each.
+    big = {**GPT_7B, "devices": "sim:2", "sim.memory": "5GiB", "model.seq_len": 128, "train.steps": 1}
+    args = [f"--set={k}={v}" for k, v in big.items()]
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err
+    assert "sim0 cannot hold this run" in err and "5.0 GiB" in err and "Traceback" not in err
+    ranks = [p for p in psutil.Process().children(recursive=True)
+             if p.pid not in before and "paralab-rank" in " ".join(p.cmdline() or [p.name()])]
+    assert ranks == []
+    # Its state fits, its step does not: it starts, and its first step ends it `oom`.
+    tight = config(**{**TINY_GPT, "devices": "sim:1", "sim.memory": "1MiB", "train.batch_size": 256})
+    assert estimate(tight, method="trace").fits is False
+    assert ended(run_events(tight)).status == "oom"
