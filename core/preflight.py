@@ -23,7 +23,9 @@ def cannot_hold(cfg: RunConfig, devices: list[Device]) -> str | None:
     sim = [d for d in devices if d.kind == "sim"]
     if not sim:
         return None
-    from .formula import formula  # formula -> estimate -> (run-time) formula: kept out of import time
+    from .formula import (
+        formula,  # formula -> estimate -> (run-time) formula: kept out of import time
+    )
 
     for predicted in formula(cfg, devices):
         device = next((d for d in sim if d.index == predicted.device), None)
