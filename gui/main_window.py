@@ -43,7 +43,7 @@ THEMES = ("light", "dark")
 FAILURE_TITLES = {"oom": "Out of memory", "error": "A rank failed"}
 CSV_COLUMNS = ["event", "time_s", "step", "device", "loss", "samples_per_s", "lr", *CATEGORIES,
                "peak_bytes", "capacity_bytes", "phase", "start_s", "end_s", "percent", "source",
-               "status", "message", "steps"]
+               "status", "message", "steps", "clock", "name", "message_bytes", "op"]
 STOP_CLOSE_TIMEOUT_MS = 20_000
 
 
@@ -406,7 +406,11 @@ class MainWindow(QMainWindow):
                     w.writeheader()
                     for e in read_events(src):
                         row = to_dict(e)
-                        row.update(row.pop("bytes", None) or {})
+                        held = row.pop("bytes", None)
+                        if isinstance(held, dict):  # memory: bytes by category
+                            row.update(held)
+                        elif held is not None:  # a transfer's span: the message's size
+                            row["message_bytes"] = held
                         w.writerow(row)
         except OSError as e:
             self.banner.show_message(f"Cannot write {path}: {e.strerror or e}")
