@@ -84,15 +84,6 @@ class Run:
         """listen='HOST:PORT': do not start ranks, wait for `ranks` that torchrun starts (core.remote)."""
         problems = (remote.problems(config, ranks) if listen is not None
                     else config.validate(resolve_devices=devices is None))
-        if not problems and listen is None:  # a run, not an estimate: will it fit in this machine?
-            from . import hostmem
-
-            n = len(devices) if devices is not None else len(resolve(config.devices, config.sim.memory))
-            sim = all(d.kind == "sim" for d in devices) if devices is not None else \
-                parse_spec(config.devices).kind == "sim" or all(
-                    d.kind == "sim" for d in resolve(config.devices, config.sim.memory))
-            if problem := hostmem.problem(config, n, sim):
-                problems = [problem]
         if metrics and (problem := any_problem(metrics)):
             problems = [*problems, problem]
         if problems:
@@ -102,8 +93,13 @@ class Run:
             sim = parse_spec(config.devices).kind == "sim"
             devices = resolve(config.devices, config.sim.memory, gpus=[]) if sim else []
         self.devices = devices if devices is not None else resolve(config.devices, config.sim.memory)
-        if listen is None and (refused := preflight.cannot_hold(config, self.devices)):
-            raise ConfigError(refused)  # before any rank builds what cannot fit
+        if listen is None:  # a run, not an estimate: will it fit in this machine, and its devices?
+            from . import hostmem
+
+            sim = all(d.kind == "sim" for d in self.devices)
+            if refused := (hostmem.problem(config, len(self.devices), sim)
+                           or preflight.cannot_hold(config, self.devices)):
+                raise ConfigError(refused)  # before any rank builds what cannot fit
         self.metrics = Path(metrics) if metrics else None
         self.world = ranks if listen is not None else world_size(config.mode, len(self.devices))
         self._ctx = context()
