@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import hmac
 import os
 import queue
 import secrets
@@ -38,8 +40,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-import hashlib
-import hmac
 from multiprocessing.connection import AuthenticationError, Client, Listener
 from typing import Any
 

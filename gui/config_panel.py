@@ -37,6 +37,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..core import devices as core_devices
+from ..core import lifeline
 from ..core.config import (
     DATASETS,
     MODELS,
@@ -51,7 +52,6 @@ from ..core.config import (
     set_value,
     shown,
 )
-from ..core import lifeline
 from ..core.models import layer_names, split_layers
 from ..core.run import context as run_context
 
