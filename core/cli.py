@@ -167,7 +167,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     progress.close()
-    return _report(ended, signals["code"], args.metrics)
+    code = _report(ended, signals["code"], args.metrics)
+    if run.events_problem and (ended is None or run.events_problem not in ended.message):
+        print(f"paralab: {run.events_problem}", file=sys.stderr)  # noticed only as the file closed
+        return EXIT_FAILED if code == EXIT_OK else code
+    return code
 
 
 def _host(e: Any) -> float:

@@ -238,3 +238,14 @@ def test_a_killed_forkserver_is_named(no_leftover_ranks):
             os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
     assert run.ended.status == "error" and "forkserver" in run.ended.message, run.ended
     assert list(Run(SINGLE.with_overrides({"train.steps": 2})).events())[-1].status == "ok"  # the next run works
+
+
+def test_a_file_deleted_just_before_the_end_is_noticed_at_close(tmp_path):
+    from paralab.core.eventsfile import EventsFile
+
+    f = EventsFile(tmp_path / "e.jsonl")
+    f.write([StepDone(1, 1.0, 0.1, 1.0)])
+    (tmp_path / "e.jsonl").unlink()
+    f.write([RunEnded("ok", "done", None, 1.0, 1)])
+    f.close()
+    assert "was deleted" in f.problem
