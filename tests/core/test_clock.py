@@ -144,7 +144,7 @@ def test_the_bubble_shrinks_with_micro_batches_as_the_formula_says(p, schedule):
                     if s.device == d and s.phase in ("forward", "backward")) for d in range(p)]
         shares.append([1 - b / (end - start) for b in busy])
         for share in shares[-1]:
-            assert -0.005 < share - ideal_bubble(p, m) < (0.025 if p == 2 else 0.035), (m, shares[-1], ideal_bubble(p, m))
+            assert -0.01 < share - ideal_bubble(p, m) < (0.025 if p == 2 else 0.035), (m, shares[-1], ideal_bubble(p, m))
     for d in range(p):
         assert all(a[d] > b[d] for a, b in zip(shares, shares[1:])), shares
 
