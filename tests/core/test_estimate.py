@@ -10,7 +10,7 @@ from paralab.core import trace as trace_module
 from paralab.core.cli import main
 from paralab.core.config import RunConfig
 from paralab.core.estimate import EstimateError, compare, estimate
-from paralab.core.events import CATEGORIES, MemorySample
+from paralab.core.events import CATEGORIES, MemorySample, StepDone
 from paralab.core.models import build_model, count_params
 
 from tests.helpers import ended, run_events
@@ -246,3 +246,22 @@ def test_a_run_that_cannot_hold_its_state_is_refused_before_any_rank_builds(caps
     tight = config(**{**TINY_GPT, "devices": "sim:1", "sim.memory": "1MiB", "train.batch_size": 256})
     assert estimate(tight, method="trace").fits is False
     assert ended(run_events(tight)).status == "oom"
+
+
+# ---- the modelled step, before the run ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["single", "ddp", "fsdp", "tensor-parallel", "pipeline"])
+def test_the_estimate_times_the_step_as_the_run_will(mode, no_leftover_ranks):
+    """The trace's ops on the GPU model, laid out across ranks, give the modelled step the
+    run then takes (the run's figure comes from real tensors, on every rank)."""
+    cfg = config(**{**TINY_GPT, "mode": mode, "devices": "sim:1" if mode == "single" else "sim:2",
+                    "train.steps": 4, "train.micro_batches": 2})
+    predicted = estimate(cfg, method="trace")
+    times = [e.time_s for e in run_events(cfg) if isinstance(e, StepDone)]
+    measured = times[-1] - times[-2]
+    for d in predicted.devices:
+        assert d.modelled["step_s"] == pytest.approx(measured, rel=0.05), (d.label, d.modelled["step_s"], measured)
+        assert 0 < d.modelled["busy"] <= 1
+        assert {p for p, _, _ in d.modelled["spans"]} >= {"forward", "backward", "optimizer"}
+    assert "modelled step:" in predicted.table() and "H100 SXM" in predicted.table()
