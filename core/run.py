@@ -24,7 +24,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from . import preflight, remote, worker
+from . import hostmem, preflight, remote, worker
 from .config import ConfigError, RunConfig
 from .devices import Device, parse_spec, resolve
 from .events import Event, RunEnded, RunStarted, StepDone
@@ -93,12 +93,11 @@ class Run:
             sim = parse_spec(config.devices).kind == "sim"
             devices = resolve(config.devices, config.sim.memory, gpus=[]) if sim else []
         self.devices = devices if devices is not None else resolve(config.devices, config.sim.memory)
-        if listen is None:  # a run, not an estimate: will it fit in this machine, and its devices?
-            from . import hostmem
-
+        if listen is None:  # a run, not an estimate: will it fit its devices, and this machine?
             sim = all(d.kind == "sim" for d in self.devices)
-            if refused := (hostmem.problem(config, len(self.devices), sim)
-                           or preflight.cannot_hold(config, self.devices)):
+            # The device first: its capacity is the lesson; the host's memory is this machine's limit.
+            if refused := (preflight.cannot_hold(config, self.devices)
+                           or hostmem.problem(config, len(self.devices), sim)):
                 raise ConfigError(refused)  # before any rank builds what cannot fit
         self.metrics = Path(metrics) if metrics else None
         self.world = ranks if listen is not None else world_size(config.mode, len(self.devices))
