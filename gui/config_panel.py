@@ -14,8 +14,10 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from PySide6.QtCore import QObject, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from PySide6.QtWidgets import (
+    QAbstractSpinBox,
+    QApplication,
     QButtonGroup,
     QCheckBox,
     QComboBox,
@@ -121,6 +123,25 @@ class _EstimateProcess:
             p.join(timeout=2)
 
 
+class _WheelGuard(QObject):
+    """The wheel scrolls the form; it changes a field only once that field has focus
+    (a person scrolling the panel past Heads must not turn 4 into 1)."""
+
+    def __init__(self, scroll: QScrollArea) -> None:
+        super().__init__(scroll)
+        self.scroll = scroll
+
+    def guard(self, widget: QWidget) -> None:
+        widget.setFocusPolicy(Qt.FocusPolicy.StrongFocus)  # not WheelFocus: a wheel does not take focus
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Type.Wheel and isinstance(obj, QWidget) and not obj.hasFocus():
+            QApplication.sendEvent(self.scroll.viewport(), event)  # scroll the form instead
+            return True
+        return False
+
+
 class ConfigPanel(QWidget):
     """Emits `config_changed(RunConfig | None, problems)` after every edit."""
 
@@ -209,6 +230,8 @@ class ConfigPanel(QWidget):
         outer.addWidget(scroll, 1)
         body = QWidget()
         scroll.setWidget(body)
+        self.scroll = scroll
+        self._wheel = _WheelGuard(scroll)
         top = QVBoxLayout(body)
         self.title = QLabel(objectName="configTitle", wordWrap=True)
         self.description = QLabel(objectName="configDescription", wordWrap=True)
@@ -238,7 +261,7 @@ class ConfigPanel(QWidget):
         self.placement = QTableWidget(0, 2)
         self.placement.setHorizontalHeaderLabels(["layer", "device"])
         self.placement.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        self.placement.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+        self.placement.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Fixed)
         self.placement.verticalHeader().setVisible(False)
         self.placement.setToolTip(self._docs["placement.split"])
         self.even_split = QPushButton("Even split")
@@ -296,6 +319,8 @@ class ConfigPanel(QWidget):
         self.estimate_box = box
         footer.addWidget(box)
         outer.addLayout(footer)
+        for field in [*body.findChildren(QComboBox), *body.findChildren(QAbstractSpinBox)]:
+            self._wheel.guard(field)
 
     def _build_devices(self) -> QGroupBox:
         box = QGroupBox("Devices")
@@ -525,12 +550,17 @@ class ConfigPanel(QWidget):
                 combo = QComboBox()
                 combo.addItems(labels)
                 combo.currentIndexChanged.connect(lambda dev, r=row: self._on_layer_moved(r, dev))
+                self._wheel.guard(combo)
                 table.setCellWidget(row, 1, combo)
             combo.blockSignals(True)
             for i, label in enumerate(labels):
                 combo.setItemText(i, label)
             combo.setCurrentIndex(owner[row] if row < len(owner) else 0)
             combo.blockSignals(False)
+        # The header sizes a column by its items, not by the combo boxes in its cells:
+        # give the device column the combos' own width so "sim0" is not cut to "sim".
+        combos = [table.cellWidget(r, 1) for r in range(len(names))]
+        table.setColumnWidth(1, max(c.sizeHint().width() for c in combos) + 4)
         height = table.horizontalHeader().height() + sum(table.rowHeight(r) for r in range(len(names)))
         table.setFixedHeight(min(height + 4, 260))
 

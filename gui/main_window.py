@@ -42,8 +42,8 @@ from .dashboard import Dashboard
 THEMES = ("light", "dark")
 FAILURE_TITLES = {"oom": "Out of memory", "error": "A rank failed"}
 CSV_COLUMNS = ["event", "time_s", "step", "device", "loss", "samples_per_s", "lr", *CATEGORIES,
-               "peak_bytes", "capacity_bytes", "phase", "start_s", "end_s", "percent", "source",
-               "status", "message", "steps"]
+               "peak_bytes", "capacity_bytes", "phase", "start_s", "end_s", "clock", "name", "message_bytes",
+               "percent", "source", "status", "message", "steps", "param_count"]
 STOP_CLOSE_TIMEOUT_MS = 20_000
 
 
@@ -401,9 +401,7 @@ class MainWindow(QMainWindow):
                     w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
                     w.writeheader()
                     for e in read_events(src):
-                        row = to_dict(e)
-                        row.update(row.pop("bytes", None) or {})
-                        w.writerow(row)
+                        w.writerow(csv_row(e))
         except OSError as e:
             self.banner.show_message(f"Cannot write {path}: {e.strerror or e}")
             return False
@@ -462,6 +460,21 @@ class MainWindow(QMainWindow):
             self.controller.shutdown(timeout_s=2.0)  # kills what is left
         self._forced = True
         self.close()
+
+
+def csv_row(event: Any) -> dict[str, Any]:
+    """One CSV row: memory bytes spread into one column per category.  Columns keep one
+    meaning each: `params` holds bytes, so the start's parameter count is `param_count`,
+    and a communication span's message size is `message_bytes`."""
+    row = to_dict(event)
+    if isinstance(event, RunStarted):
+        row["param_count"] = row.pop("params", None)
+    held = row.pop("bytes", None)
+    if isinstance(held, dict):
+        row.update(held)
+    elif held is not None:
+        row["message_bytes"] = held
+    return row
 
 
 def _palette(name: str, app: QApplication) -> QPalette:
