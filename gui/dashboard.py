@@ -11,6 +11,7 @@ views that are refitted only when the data leaves them keep 100 000-point curves
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from ..core.events import CATEGORIES
 from ..core.telemetry import UTILIZATION_EXPLAINED
 from .buffers import MIB, RunData
 from .device_view import DeviceView
+from .plot_items import Markers, Placeholder
 from .style import (
     CAPACITY_COLOR,
     CATEGORY_COLORS,
@@ -41,11 +43,29 @@ from .style import (
 from .timeline import Timeline
 
 MAX_FPS = 30
+TELEMETRY_HZ = 10
+"""Memory, utilization, gauges and timeline redraw at most this often: their samples come
+at a few per second, and redrawing them with every loss point cost a third of each frame."""
 MEMORY_COLUMNS = 4
 PREMADE_SLOTS = 4
 LEFT_AXIS_PX = 56
 UTIL_SOURCES = {"nvml": "NVML: a kernel ran", "spans": "share of step computing", "cpu": "rank CPU"}
 EMPTY = np.empty(0)
+
+
+LOSS_HINT = "The loss, step by step,\nappears here when the run starts."
+RATE_HINT = "Samples per second (smoothed)\nand the run's average."
+UTIL_HINT = "How busy each device is, over time."
+MEMORY_HINT = ("Press Start: each device's memory appears here by category,<br>"
+               "under its capacity (red) and beside the prediction (dashed).")
+
+
+def rate_text(data: RunData) -> str:
+    """The smoothed samples/s and the run's average (one step's figure swings too much)."""
+    smoothed, average = data.smoothed_rate, data.average_rate
+    if smoothed is None:
+        return "– samples/s"
+    return f"{smoothed:,.0f} samples/s (average {average:,.0f})"
 
 
 def _setup_plot(plot: pg.PlotItem, title: str, x_label: str) -> None:
@@ -259,6 +279,7 @@ class MemoryPlot:
         self.area.setData(EMPTY, np.empty((len(CATEGORIES), 0)))
         self.capacity.hide()
         self.follow.reset()
+        self.plot.getViewBox().setRange(xRange=(0.0, 1.0), yRange=(0.0, 1.0), padding=0)  # not the last run's
 
 
 class Dashboard(QWidget):
@@ -287,6 +308,22 @@ class Dashboard(QWidget):
         self.util_curves: list[pg.PlotDataItem] = []
         self.mem_layout = self.plots.addLayout(row=1, col=0, colspan=3)
         self.mem_plots: list[MemoryPlot] = []
+        self.mem_hint = pg.LabelItem(MEMORY_HINT, size="9pt")
+        self.mem_layout.addItem(self.mem_hint, row=0, col=0)
+        # Empty plots say what will appear there, instead of bare 0–1 axes.
+        self.placeholders = {"loss": Placeholder(self.loss_plot, LOSS_HINT),
+                             "rate": Placeholder(self.rate_plot, RATE_HINT),
+                             "util": Placeholder(self.util_plot, UTIL_HINT)}
+        self.markers = {"loss": Markers(self.loss_plot), "rate": Markers(self.rate_plot)}
+        self.average_line = pg.InfiniteLine(angle=0, movable=False, label="", labelOpts={"position": 0.05})
+        self.average_line.setPen(pg.mkPen(device_color(1), width=1, style=Qt.PenStyle.DotLine))
+        self.rate_plot.addItem(self.average_line, ignoreBounds=True)
+        self.average_line.hide()
+        self.device_legend = QLabel("")
+        self.device_legend.setWordWrap(True)
+        self.device_legend.setToolTip("The colour of each device's line in the utilization plot.")
+        self._telemetry_at = 0.0
+        self.telemetry_interval_s = 1.0 / TELEMETRY_HZ
         self._follow = {"loss": Follow(self.loss_plot), "rate": Follow(self.rate_plot),
                         "util": Follow(self.util_plot, y_fixed=(0.0, 100.0))}
         self._util_title = ""
@@ -296,7 +333,7 @@ class Dashboard(QWidget):
         self.status = QLabel("")
         top = QHBoxLayout()
         top.addWidget(self.status, 1)
-        top.addWidget(QLabel(legend_html(CATEGORY_COLORS)))
+        top.addWidget(self.device_legend)
         top.addWidget(self.log_loss)
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.devices)
@@ -336,25 +373,33 @@ class Dashboard(QWidget):
 
     def stop(self) -> None:
         self.timer.stop()
-        self.refresh()  # whatever arrived since the last tick
+        self.refresh(force=True)  # whatever arrived since the last tick
 
     def clear(self) -> None:
-        """Empty every view (the bound RunData is kept; its next change redraws)."""
+        """Empty every view for a new run: curves, capacity and prediction lines, markers,
+        axis ranges, gauges (the bound RunData is kept; its next change redraws)."""
         for curve in (self.loss_curve, self.rate_curve, *self.util_curves):
             curve.setData(EMPTY, EMPTY)
+        self.set_prediction(None)
         for mp in self.mem_plots:
             mp.clear()
         for follow in self._follow.values():
             follow.reset()
+        for placeholder in self.placeholders.values():
+            placeholder.show()
+        for markers in self.markers.values():
+            markers.clear()
+        self.average_line.hide()
         self.devices.clear()
         self.timeline.clear()
         self.status.setText("")
         self._seen = {}
+        self._telemetry_at = 0.0
 
     def export_png(self, path: str | Path) -> Path:
         """Save what the dashboard shows as a PNG; OSError if it cannot be written."""
         path = Path(path)
-        self.refresh()
+        self.refresh(force=True)
         if not self.grab().save(str(path), "PNG"):
             raise OSError(f"could not write a PNG to {path}")
         return path
@@ -378,8 +423,10 @@ class Dashboard(QWidget):
         self._seen[key] = version
         return True
 
-    def refresh(self) -> bool:
-        """Pull from RunData and setData what changed; False when nothing did."""
+    def refresh(self, force: bool = False) -> bool:
+        """Pull from RunData and setData what changed; False when nothing did.  The
+        telemetry views (memory, utilization, gauges, timeline) wait until
+        `telemetry_interval_s` has passed since they last drew, unless `force` (the run's end, an export)."""
         data = self.data
         if data is None or not self._changed("all", data.version):
             return False
@@ -387,6 +434,11 @@ class Dashboard(QWidget):
             self._layout(data)
         if self._changed("steps", data.steps_version):
             self._draw_steps(data)
+        now = time.monotonic()
+        if not force and now - self._telemetry_at < self.telemetry_interval_s:
+            self._seen.pop("all", None)  # come back for the telemetry at a later tick
+            return True
+        self._telemetry_at = now
         if self._changed("memory", data.memory_version):
             for d, mp in zip(data.devices, self.mem_plots):
                 mp.draw(d.memory.column(0), d.memory.columns(1, 1 + len(CATEGORIES)), d.capacity_bytes)
@@ -398,25 +450,36 @@ class Dashboard(QWidget):
 
     def _draw_steps(self, data: RunData) -> None:
         s = data.steps
-        step, t, loss, rate = s.column(0), s.column(1), s.column(2), s.column(3)
+        step, t, loss, rate = s.column(0), s.column(1), s.column(2), s.column(5)
         log = self.log_loss.isChecked()
         # Non-finite losses (a diverged run), or the log of a zero loss, need the NaN-aware path.
         finite = data.loss_finite and not log
         self.loss_curve.setData(step, loss, connect="all" if finite else "finite", skipFiniteCheck=finite)
         self.rate_curve.setData(t, rate)
         if len(step):
+            self.placeholders["loss"].hide()
+            self.placeholders["rate"].hide()
             shown = loss[np.isfinite(loss) & (loss > 0)] if log else loss[np.isfinite(loss)]
             if len(shown):
                 lo, hi = float(shown.min()), float(shown.max())
                 if log:
                     lo, hi = math.log10(lo), math.log10(hi)
                 self._follow["loss"].fit(float(step[0]), float(step[-1]), lo, hi)
-            self._follow["rate"].fit(float(t[0]), float(t[-1]), 0.0, float(rate.max()))
+            finite_rate = rate[np.isfinite(rate)]
+            if len(finite_rate):
+                self._follow["rate"].fit(float(t[0]), float(t[-1]), 0.0, float(finite_rate.max()))
+        average = data.average_rate
+        self.average_line.setVisible(average is not None)
+        if average is not None:
+            self.average_line.setPos(average)
+            self.average_line.label.setText(f"average {average:,.0f}")
+        self.markers["loss"].set([(float(m[0]), m[2], m[3]) for m in data.marks])
+        self.markers["rate"].set([(float(m[1]), m[2], m[3]) for m in data.marks])
         last = data.last_step
         if last is not None:
             every = f" (each point: mean of {s.stride} steps)" if s.stride > 1 else ""
-            self.status.setText(f"step {last.step} · loss {last.loss:.4g} · "
-                                f"{last.samples_per_s:,.0f} samples/s · lr {last.lr:g}{every}")
+            self.status.setText(f"step {last.step} · loss {last.loss:.4g} · {rate_text(data)} · "
+                                f"lr {last.lr:g}{every}")
 
     def _draw_util(self, data: RunData) -> None:
         t0, t1 = math.inf, -math.inf
@@ -425,6 +488,8 @@ class Dashboard(QWidget):
             curve.setData(t, d.utilization.column(1))
             if len(t):
                 t0, t1 = min(t0, float(t[0])), max(t1, float(t[-1]))
+        if t1 >= t0:
+            self.placeholders["util"].hide()
         self._follow["util"].fit(t0, t1, 0.0, 100.0)
         # Samples without a value (nothing sampled yet, no NVML) leave a gap in the curve.
         sources = sorted({UTIL_SOURCES.get(d.util_source, d.util_source) for d in data.devices if d.util_source})
@@ -439,6 +504,12 @@ class Dashboard(QWidget):
         self._shown = tuple(data.labels)
         n = len(data.devices)
         self._make_slots(n)
+        if n and self.mem_hint.scene() is not None:
+            self.mem_layout.removeItem(self.mem_hint)
+        elif not n and self.mem_hint.scene() is None:
+            self.mem_layout.addItem(self.mem_hint, row=0, col=0)
+        self.device_legend.setText(legend_html({label: device_color(i) for i, label in enumerate(data.labels)})
+                                   if n > 1 else "")
         for mp in self.mem_plots:
             if mp.plot.scene() is not None:
                 self.mem_layout.removeItem(mp.plot)
@@ -487,3 +558,6 @@ class Dashboard(QWidget):
                 axis.setPen(fg)
                 axis.setTextPen(fg)
             plot.titleLabel.setText(plot.titleLabel.text, color=fg.name())
+        for placeholder in self.placeholders.values():
+            placeholder.set_color(fg)
+        self.mem_hint.setText(MEMORY_HINT, color=fg.name())

@@ -37,7 +37,7 @@ from ..core.events import CATEGORIES, RunEnded, RunStarted, read_events, to_dict
 from .buffers import RunData
 from .config_panel import ConfigPanel
 from .controller import RunController
-from .dashboard import Dashboard
+from .dashboard import Dashboard, rate_text
 
 THEMES = ("light", "dark")
 FAILURE_TITLES = {"oom": "Out of memory", "error": "A rank failed"}
@@ -256,8 +256,10 @@ class MainWindow(QMainWindow):
             return False
         self.banner.hide()
         self._remember()
+        # Nothing of the last run stays: capacity, prediction lines, ranges, an OOM's red.
         self.dashboard.clear()
         self.data.reset(None)
+        self.dashboard.refresh(force=True)
         self.lr_box.blockSignals(True)
         self.lr_box.setValue(cfg.train.lr)
         self.lr_box.blockSignals(False)
@@ -272,6 +274,7 @@ class MainWindow(QMainWindow):
     def pause_run(self) -> None:
         if self._state == "running":
             self.controller.pause()
+            self.data.mark("pause", "paused")
             self._set_state("paused")
 
     def resume_run(self) -> None:
@@ -315,7 +318,11 @@ class MainWindow(QMainWindow):
 
     # ---- controller signals ----------------------------------------------------------------
 
-    def _on_config_changed(self, _cfg: RunConfig | None, _problems: list[str]) -> None:
+    def _on_config_changed(self, cfg: RunConfig | None, _problems: list[str]) -> None:
+        if cfg is not None and not self.controller.running:
+            self.lr_box.blockSignals(True)  # the toolbar shows the form's rate, not its own minimum
+            self.lr_box.setValue(cfg.train.lr)
+            self.lr_box.blockSignals(False)
         self._update_actions()
 
     def _on_estimate(self, est: Any) -> None:
@@ -340,7 +347,7 @@ class MainWindow(QMainWindow):
         if last is not None:
             self.step_label.setText(f"step {last.step}/{self._total_steps}")
             self.loss_label.setText(f"loss {last.loss:.4g}")
-            self.rate_label.setText(f"{last.samples_per_s:,.0f} samples/s")
+            self.rate_label.setText(rate_text(self.data))
 
     def _on_ended(self, end: RunEnded) -> None:
         if end.status in FAILURE_TITLES:

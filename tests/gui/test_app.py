@@ -201,7 +201,7 @@ def test_placement_table_moves_layers_between_devices(window):
     assert panel.config().placement.split == (1, 3)
     panel.placement.cellWidget(3, 1).setCurrentIndex(0)  # everything on sim0 leaves sim1 empty
     assert panel.config().placement.split == (4, 0)
-    assert "placement.split must give every device at least one layer" in panel.problems()
+    assert "“Which device holds which layers” must give every device at least one layer" in panel.problems()
     panel.even_split.click()
     assert panel.config().placement.split == () and panel.problems() == []
 

@@ -116,6 +116,7 @@ def dashboard(qtbot):
     from paralab.gui.dashboard import Dashboard
 
     dash = Dashboard()
+    dash.telemetry_interval_s = 0.0  # every refresh draws everything (the app throttles telemetry)
     qtbot.addWidget(dash)
     dash.resize(1200, 900)
     dash.show()
@@ -143,7 +144,10 @@ def test_dashboard_curves_hold_the_fed_data(dashboard):
     x, y = dashboard.loss_curve.getData()
     assert x.tolist() == list(range(1, 51)) and y == pytest.approx([2.0 / i for i in range(1, 51)])
     x, y = dashboard.rate_curve.getData()
-    assert x == pytest.approx([i * 0.1 for i in range(1, 51)]) and y[-1] == 690.0
+    # The curve is the smoothed rate (one step's figure swings); the raw one stays in the data.
+    assert x == pytest.approx([i * 0.1 for i in range(1, 51)]) and 641.0 < y[-1] < 690.0
+    assert data.steps.column(3)[-1] == 690.0
+    assert data.average_rate == pytest.approx(50 / sum(1 / (640.0 + i) for i in range(1, 51)))
     for d in range(2):
         x, y = dashboard.util_curves[d].getData()
         assert len(x) == 50 and set(y.tolist()) == {40.0 + d}
@@ -408,3 +412,22 @@ def test_qt_binding_keeps_none_alive(qtbot):
     for _ in range(1000):
         w.update()
     assert sys.getrefcount(None) > before - 500
+
+
+def test_telemetry_views_redraw_at_most_ten_times_a_second(qtbot):
+    """The loss follows every refresh; memory, gauges and timeline wait 100 ms between redraws."""
+    from paralab.gui.dashboard import Dashboard
+
+    dash = Dashboard()
+    qtbot.addWidget(dash)
+    data = RunData()
+    dash.bind(data)
+    feed(data, n_steps=5)
+    dash.refresh()
+    data.add([StepDone(6, 0.1, 0.6, 600.0, 0.01), memory(6, 0, 0.6, params=99 * MIB)])
+    dash.refresh()
+    assert dash.loss_curve.getData()[0][-1] == 6
+    assert dash.devices.gauges[0].used != 99 * MIB  # not yet
+    qtbot.wait(120)
+    dash.refresh()
+    assert dash.devices.gauges[0].used == 99 * MIB
