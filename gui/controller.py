@@ -97,6 +97,14 @@ class RunController(QObject):
     def run(self) -> Run | None:
         return self._thread.run_obj if self._thread else None
 
+    def progress(self) -> dict[str, int] | None:
+        """The starting run's progress (core.run.Run.progress), None before it has ranks."""
+        run = self.run
+        try:
+            return run.progress() if run else None
+        except RuntimeError:  # its dicts changed under us (the run's thread): ask again next time
+            return None
+
     def pids(self) -> list[int]:
         run = self.run
         return run.pids() if run else []
