@@ -239,3 +239,19 @@ def test_problems_name_the_forms_labels(window):
     panel.memory.setText("512")  # bytes: too small
     assert any(p.startswith("“Capacity each”") for p in panel.problems()), panel.problems()
     assert not any("sim.memory" in p for p in panel.problems())
+
+
+# ---- 1: the system libraries the window needs ---------------------------------------------------
+
+
+def test_syscheck_names_the_packages_for_what_the_linker_misses(monkeypatch):
+    from paralab.gui import syscheck
+
+    assert syscheck.install_line(["libxcb-icccm.so.4", "libxcb-keysyms.so.1"]) == \
+        "sudo apt-get install -y libxcb-icccm4 libxcb-keysyms1"
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    assert syscheck.report() is None  # not X11: nothing to check
+    monkeypatch.setenv("QT_QPA_PLATFORM", "xcb")
+    monkeypatch.setattr(syscheck, "missing_libraries", lambda paths=None: ["libxcb-keysyms.so.1"])
+    text = syscheck.report()
+    assert "libxcb-keysyms.so.1" in text and "apt-get install -y libxcb-keysyms1" in text
