@@ -504,15 +504,17 @@ class Dashboard(QWidget):
         self._shown = tuple(data.labels)
         n = len(data.devices)
         self._make_slots(n)
-        if n and self.mem_hint.scene() is not None:
-            self.mem_layout.removeItem(self.mem_hint)
-        elif not n and self.mem_hint.scene() is None:
-            self.mem_layout.addItem(self.mem_hint, row=0, col=0)
         self.device_legend.setText(legend_html({label: device_color(i) for i, label in enumerate(data.labels)})
                                    if n > 1 else "")
         for mp in self.mem_plots:
             if mp.plot.scene() is not None:
                 self.mem_layout.removeItem(mp.plot)
+        # No devices (before the first run, or between Start and its devices): the hint.
+        hinted = self.mem_hint.scene() is not None
+        if n and hinted:
+            self.mem_layout.removeItem(self.mem_hint)
+        elif not n and not hinted:
+            self.mem_layout.addItem(self.mem_hint, row=0, col=0)
         for i, mp in enumerate(self.mem_plots):
             mp.clear()
             if i < n:

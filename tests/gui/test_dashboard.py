@@ -431,3 +431,23 @@ def test_telemetry_views_redraw_at_most_ten_times_a_second(qtbot):
     qtbot.wait(120)
     dash.refresh()
     assert dash.devices.gauges[0].used == 99 * MIB
+
+
+def test_memory_hint_comes_back_between_runs(dashboard):
+    """No devices: the memory area says what will appear there; a run replaces it, and the
+    next Start (no devices yet) brings it back without clashing with the plots' cells."""
+    data = RunData()
+    dashboard.bind(data)
+    dashboard.refresh()
+    assert dashboard.mem_hint.scene() is not None
+    feed(data, n_steps=3)
+    dashboard.refresh()
+    assert dashboard.mem_hint.scene() is None and dashboard.mem_plots[0].plot.isVisible()
+    for _ in range(2):
+        data.reset(None)
+        dashboard.clear()
+        dashboard.refresh()
+        assert dashboard.mem_hint.scene() is not None
+        feed(data, n_steps=3)
+        dashboard.refresh()
+        assert dashboard.mem_hint.scene() is None
