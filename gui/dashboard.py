@@ -20,9 +20,11 @@ import pyqtgraph.functions as fn
 from PySide6.QtCore import QEvent, QRectF, Qt, QTimer
 from PySide6.QtWidgets import (
     QCheckBox,
+    QFrame,
     QGraphicsItem,
     QHBoxLayout,
     QLabel,
+    QScrollArea,
     QSplitter,
     QVBoxLayout,
     QWidget,
@@ -47,6 +49,8 @@ TELEMETRY_HZ = 10
 """Memory, utilization, gauges and timeline redraw at most this often: their samples come
 at a few per second, and redrawing them with every loss point cost a third of each frame."""
 MEMORY_COLUMNS = 4
+MEMORY_ROW_PX = 140
+LEGEND_MAX_DEVICES = 8  # past this the colours repeat: a legend would only list them again
 PREMADE_SLOTS = 4
 LEFT_AXIS_PX = 56
 UTIL_SOURCES = {"nvml": "NVML: a kernel ran", "spans": "share of step computing", "cpu": "rank CPU"}
@@ -70,8 +74,8 @@ def rate_text(data: RunData) -> str:
 
 def _setup_plot(plot: pg.PlotItem, title: str, x_label: str) -> None:
     # No grid: pyqtgraph draws it as part of the axes, which then repaint with every curve.
-    plot.setTitle(title, size="9pt")
-    plot.setLabel("bottom", x_label)
+    # The x unit goes in the title: an axis label costs every plot a line of height.
+    plot.setTitle(f"{title} · x: {x_label}" if title else "", size="9pt")
     plot.setClipToView(True)
     plot.setDownsampling(auto=True, mode="peak")
     for name in ("left", "bottom"):
@@ -300,13 +304,21 @@ class Dashboard(QWidget):
         _setup_plot(self.loss_plot, "loss", "step")
         self.loss_curve = _curve(self.loss_plot, device_color(0))
         self.rate_plot = self.plots.addPlot(row=0, col=1)
-        _setup_plot(self.rate_plot, "throughput (samples/s)", "s")
+        _setup_plot(self.rate_plot, "samples/s, smoothed", "s")
         self.rate_curve = _curve(self.rate_plot, device_color(1))
         self.util_plot = self.plots.addPlot(row=0, col=2)
         _setup_plot(self.util_plot, "utilization %", "s")
         self.util_plot.setToolTip(UTILIZATION_EXPLAINED)  # people misread NVML's number
         self.util_curves: list[pg.PlotDataItem] = []
-        self.mem_layout = self.plots.addLayout(row=1, col=0, colspan=3)
+        # Per-device memory plots scroll in their own view: rows of MEMORY_COLUMNS, each at
+        # least MEMORY_ROW_PX high, so 32 devices neither squash them nor grow the window.
+        self.mem_view = pg.GraphicsLayoutWidget()
+        self.mem_layout = self.mem_view.ci
+        self.mem_scroll = QScrollArea()
+        self.mem_scroll.setWidgetResizable(True)
+        self.mem_scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.mem_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.mem_scroll.setWidget(self.mem_view)
         self.mem_plots: list[MemoryPlot] = []
         self.mem_hint = pg.LabelItem(MEMORY_HINT, size="9pt")
         self.mem_layout.addItem(self.mem_hint, row=0, col=0)
@@ -335,13 +347,17 @@ class Dashboard(QWidget):
         top.addWidget(self.status, 1)
         top.addWidget(self.device_legend)
         top.addWidget(self.log_loss)
+        self.timeline_scroll = QScrollArea()
+        self.timeline_scroll.setWidgetResizable(True)
+        self.timeline_scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.timeline_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.timeline_scroll.setWidget(self.timeline)
         split = QSplitter(Qt.Orientation.Vertical)
-        split.addWidget(self.devices)
-        split.addWidget(self.plots)
-        split.addWidget(self.timeline)
-        split.setStretchFactor(0, 2)
-        split.setStretchFactor(1, 6)
-        split.setStretchFactor(2, 2)
+        for widget, stretch in ((self.devices, 2), (self.plots, 3), (self.mem_scroll, 4), (self.timeline_scroll, 2)):
+            split.addWidget(widget)
+            split.setStretchFactor(split.count() - 1, stretch)
+            split.setCollapsible(split.count() - 1, False)
+        self.split = split
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(top)
@@ -504,8 +520,12 @@ class Dashboard(QWidget):
         self._shown = tuple(data.labels)
         n = len(data.devices)
         self._make_slots(n)
-        self.device_legend.setText(legend_html({label: device_color(i) for i, label in enumerate(data.labels)})
-                                   if n > 1 else "")
+        if 1 < n <= LEGEND_MAX_DEVICES:
+            self.device_legend.setText(legend_html({label: device_color(i) for i, label in enumerate(data.labels)}))
+        else:
+            self.device_legend.setText(f"device colours repeat every {LEGEND_MAX_DEVICES}" if n > 1 else "")
+        rows = -(-n // MEMORY_COLUMNS) if n else 1
+        self.mem_view.setMinimumHeight(rows * MEMORY_ROW_PX)
         for mp in self.mem_plots:
             if mp.plot.scene() is not None:
                 self.mem_layout.removeItem(mp.plot)
@@ -550,6 +570,7 @@ class Dashboard(QWidget):
         pal = self.palette()
         bg, fg = pal.color(pal.ColorRole.Base), pal.color(pal.ColorRole.Text)
         self.plots.setBackground(bg)
+        self.mem_view.setBackground(bg)
         self.timeline.plot.setBackground(bg)
         self.timeline.set_text_color(fg)
         plots = [self.loss_plot, self.rate_plot, self.util_plot, self.timeline.plot.getPlotItem(),

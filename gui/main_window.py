@@ -248,6 +248,8 @@ class MainWindow(QMainWindow):
         state = s.value("state")
         if state:
             self.restoreState(state)
+        else:  # the form needs about this much; the plots want the rest
+            self.resizeDocks([self.dock], [380], Qt.Orientation.Horizontal)
         theme = str(s.value("theme", "light"))
         self.apply_theme(theme if theme in THEMES else "light")
 
