@@ -595,6 +595,7 @@ class ConfigPanel(QWidget):
             self.estimate_warning.hide()
             return
         self.estimate_label.setText("Predicting…")
+        self.estimate_warning.hide()  # it was about the settings before this change
         self._estimate_started = time.monotonic()
         self._estimate_clock.start()
         self._estimate_timer.start()

@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QScrollArea,
     QSplitter,
+    QStackedWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -49,7 +50,7 @@ TELEMETRY_HZ = 10
 """Memory, utilization, gauges and timeline redraw at most this often: their samples come
 at a few per second, and redrawing them with every loss point cost a third of each frame."""
 MEMORY_COLUMNS = 4
-MEMORY_ROW_PX = 140
+MEMORY_ROW_PX = 120
 LEGEND_MAX_DEVICES = 8  # past this the colours repeat: a legend would only list them again
 PREMADE_SLOTS = 4
 LEFT_AXIS_PX = 56
@@ -59,8 +60,9 @@ EMPTY = np.empty(0)
 
 LOSS_HINT = "The loss, step by step,\nappears here when the run starts."
 RATE_HINT = "Samples per second (smoothed)\nand the run's average."
-UTIL_HINT = "How busy each device is, over time."
-MEMORY_HINT = ("Press Start: each device's memory appears here by category,<br>"
+UTIL_HINT = "How busy each device is,\nover time."
+HINTS = {"loss": LOSS_HINT, "rate": RATE_HINT, "util": UTIL_HINT}
+MEMORY_HINT = ("Press Start: each device's memory appears here by category, "
                "under its capacity (red) and beside the prediction (dashed).")
 
 
@@ -320,14 +322,16 @@ class Dashboard(QWidget):
         self.mem_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.mem_scroll.setWidget(self.mem_view)
         self.mem_plots: list[MemoryPlot] = []
-        self.mem_hint = pg.LabelItem(MEMORY_HINT, size="9pt")
-        self.mem_layout.addItem(self.mem_hint, row=0, col=0)
+        # No devices yet: a sentence in place of the plots (a page of its own: adding and
+        # removing an item in the plots' grid left them squeezed into a corner).
+        self.mem_hint = QLabel(MEMORY_HINT, alignment=Qt.AlignmentFlag.AlignCenter, wordWrap=True)
         # Empty plots say what will appear there, instead of bare 0–1 axes.
         self.placeholders = {"loss": Placeholder(self.loss_plot, LOSS_HINT),
                              "rate": Placeholder(self.rate_plot, RATE_HINT),
                              "util": Placeholder(self.util_plot, UTIL_HINT)}
         self.markers = {"loss": Markers(self.loss_plot), "rate": Markers(self.rate_plot)}
-        self.average_line = pg.InfiniteLine(angle=0, movable=False, label="", labelOpts={"position": 0.05})
+        self.average_line = pg.InfiniteLine(angle=0, movable=False, label="",
+                                            labelOpts={"position": 0.9, "anchors": [(1, 1), (1, 1)]})
         self.average_line.setPen(pg.mkPen(device_color(1), width=1, style=Qt.PenStyle.DotLine))
         self.rate_plot.addItem(self.average_line, ignoreBounds=True)
         self.average_line.hide()
@@ -353,7 +357,10 @@ class Dashboard(QWidget):
         self.timeline_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.timeline_scroll.setWidget(self.timeline)
         split = QSplitter(Qt.Orientation.Vertical)
-        for widget, stretch in ((self.devices, 2), (self.plots, 3), (self.mem_scroll, 4), (self.timeline_scroll, 2)):
+        self.mem_pages = QStackedWidget()
+        self.mem_pages.addWidget(self.mem_hint)
+        self.mem_pages.addWidget(self.mem_scroll)
+        for widget, stretch in ((self.devices, 2), (self.plots, 3), (self.mem_pages, 3), (self.timeline_scroll, 3)):
             split.addWidget(widget)
             split.setStretchFactor(split.count() - 1, stretch)
             split.setCollapsible(split.count() - 1, False)
@@ -401,7 +408,8 @@ class Dashboard(QWidget):
             mp.clear()
         for follow in self._follow.values():
             follow.reset()
-        for placeholder in self.placeholders.values():
+        for key, placeholder in self.placeholders.items():
+            placeholder.set_text(HINTS[key])
             placeholder.show()
         for markers in self.markers.values():
             markers.clear()
@@ -472,6 +480,9 @@ class Dashboard(QWidget):
         finite = data.loss_finite and not log
         self.loss_curve.setData(step, loss, connect="all" if finite else "finite", skipFiniteCheck=finite)
         self.rate_curve.setData(t, rate)
+        if not len(step) and data.end is not None:
+            for key in ("loss", "rate"):
+                self.placeholders[key].set_text("No step finished:\nthe run ended before its first step.")
         if len(step):
             self.placeholders["loss"].hide()
             self.placeholders["rate"].hide()
@@ -530,11 +541,7 @@ class Dashboard(QWidget):
             if mp.plot.scene() is not None:
                 self.mem_layout.removeItem(mp.plot)
         # No devices (before the first run, or between Start and its devices): the hint.
-        hinted = self.mem_hint.scene() is not None
-        if n and hinted:
-            self.mem_layout.removeItem(self.mem_hint)
-        elif not n and not hinted:
-            self.mem_layout.addItem(self.mem_hint, row=0, col=0)
+        self.mem_pages.setCurrentWidget(self.mem_scroll if n else self.mem_hint)
         for i, mp in enumerate(self.mem_plots):
             mp.clear()
             if i < n:
@@ -583,4 +590,3 @@ class Dashboard(QWidget):
             plot.titleLabel.setText(plot.titleLabel.text, color=fg.name())
         for placeholder in self.placeholders.values():
             placeholder.set_color(fg)
-        self.mem_hint.setText(MEMORY_HINT, color=fg.name())

@@ -293,6 +293,7 @@ class MainWindow(QMainWindow):
         if cfg is None or self.panel.problems() or self.controller.running:
             return False
         self.banner.hide()
+        self.statusBar().clearMessage()  # the last run's verdict would hide the start-up progress
         self._remember()
         # Nothing of the last run stays: capacity, prediction lines, ranges, an OOM's red.
         self.dashboard.clear()

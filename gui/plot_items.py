@@ -73,9 +73,10 @@ class Markers:
         for line, (x, kind, label) in zip(self.lines, marks):
             color = MARKER_COLORS.get(kind, "#888888")
             line.setPen(pg.mkPen(color, width=1, style=Qt.PenStyle.DashLine))
-            line.label.setText(label)
+            line.label.format = label  # the label re-renders its format whenever the line moves
             line.label.setColor(color)
             line.setPos(x)
+            line.label.setText(label)
             line.show()
         for line in self.lines[len(marks):]:
             line.hide()

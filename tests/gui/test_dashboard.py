@@ -439,15 +439,15 @@ def test_memory_hint_comes_back_between_runs(dashboard):
     data = RunData()
     dashboard.bind(data)
     dashboard.refresh()
-    assert dashboard.mem_hint.scene() is not None
+    assert dashboard.mem_pages.currentWidget() is dashboard.mem_hint
     feed(data, n_steps=3)
     dashboard.refresh()
-    assert dashboard.mem_hint.scene() is None and dashboard.mem_plots[0].plot.isVisible()
+    assert dashboard.mem_pages.currentWidget() is dashboard.mem_scroll and dashboard.mem_plots[0].plot.isVisible()
     for _ in range(2):
         data.reset(None)
         dashboard.clear()
         dashboard.refresh()
-        assert dashboard.mem_hint.scene() is not None
+        assert dashboard.mem_pages.currentWidget() is dashboard.mem_hint
         feed(data, n_steps=3)
         dashboard.refresh()
-        assert dashboard.mem_hint.scene() is None
+        assert dashboard.mem_pages.currentWidget() is dashboard.mem_scroll

@@ -229,6 +229,8 @@ def test_markers_for_pause_learning_rate_and_the_end(window):
     shown = dash.markers["loss"].shown
     assert [(x, kind) for x, kind, _ in shown] == [(4.0, "pause"), (5.0, "lr"), (8.0, "oom")]
     assert shown[1][2] == "lr 0.001" and shown[2][2] == "out of memory"
+    assert [line.label.textItem.toPlainText() for line in dash.markers["loss"].lines] == \
+        ["paused", "lr 0.001", "out of memory"]
     assert [x for x, _, _ in dash.markers["rate"].shown] == pytest.approx([0.4, 0.5, 0.8])
     assert "sim0" in dash.device_legend.text() and "sim1" in dash.device_legend.text()
     assert not {c.upper() for c in DEVICE_COLORS} & {c.upper() for c in CATEGORY_COLORS.values()}
