@@ -51,6 +51,7 @@ TELEMETRY_HZ = 10
 at a few per second, and redrawing them with every loss point cost a third of each frame."""
 MEMORY_COLUMNS = 4
 MEMORY_ROW_PX = 120
+SPLIT_SHARES = (0.22, 0.30, 0.30, 0.18)  # gauges, loss/rate/utilization, memory per device, timeline
 LEGEND_MAX_DEVICES = 8  # past this the colours repeat: a legend would only list them again
 PREMADE_SLOTS = 4
 LEFT_AXIS_PX = 56
@@ -365,6 +366,7 @@ class Dashboard(QWidget):
             split.setStretchFactor(split.count() - 1, stretch)
             split.setCollapsible(split.count() - 1, False)
         self.split = split
+        self._split_for: int | None = None
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(top)
@@ -537,6 +539,12 @@ class Dashboard(QWidget):
             self.device_legend.setText(f"device colours repeat every {LEGEND_MAX_DEVICES}" if n > 1 else "")
         rows = -(-n // MEMORY_COLUMNS) if n else 1
         self.mem_view.setMinimumHeight(rows * MEMORY_ROW_PX)
+        # pyqtgraph fits its central layout to the view only on a resize; re-laying out the
+        # grid (other devices) left it at its own preferred size, a corner of the view.
+        QTimer.singleShot(0, self._fit_memory_layout)
+        self._fit_memory_layout()
+        if n != self._split_for:
+            self._share_height(n)
         for mp in self.mem_plots:
             if mp.plot.scene() is not None:
                 self.mem_layout.removeItem(mp.plot)
@@ -551,6 +559,25 @@ class Dashboard(QWidget):
             mp.plot.setVisible(i < n)
         for i, curve in enumerate(self.util_curves):
             curve.setVisible(i < n)
+
+    def _share_height(self, n: int) -> None:
+        """Give each part of the splitter its share of the height for n devices (the
+        splitter would otherwise keep the shares of the first layout it saw)."""
+        total = sum(self.split.sizes())
+        if total <= 0:
+            return
+        self._split_for = n
+        self.split.setSizes([int(total * f) for f in SPLIT_SHARES])
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        super().showEvent(event)
+        if self._split_for is None:
+            self._share_height(0)
+
+    def _fit_memory_layout(self) -> None:
+        view = self.mem_view
+        view.ci.layout.activate()
+        view.ci.setGeometry(QRectF(0, 0, view.width(), view.height()))
 
     def _make_slots(self, n: int) -> None:
         if len(self.mem_plots) >= n:

@@ -30,7 +30,7 @@ from .style import PHASE_COLORS, legend_html
 
 BUSY = np.array([PHASE_INDEX[p] for p in ("forward", "backward", "optimizer", "communication")], dtype=float)
 ROW_HEIGHT = 0.7
-ROW_PX = 16
+ROW_PX = 14
 MANY_DEVICES = 8  # past this, the idle shares are summarised instead of listed
 
 
@@ -157,7 +157,7 @@ class Timeline(QWidget):
         if n != self._rows:
             self._rows = n
             # Rows stay readable however many devices: the view scrolls (Dashboard) instead.
-            self.plot.setMinimumHeight(60 + ROW_PX * n)
+            self.plot.setMinimumHeight(40 + ROW_PX * n)
             item.getAxis("left").setTicks([[(i + 0.5, label) for i, label in enumerate(data.labels)]])
             item.setYRange(-0.4, max(n, 1), padding=0)  # room above row 0 for the step labels
         if win.steps:

@@ -451,3 +451,19 @@ def test_memory_hint_comes_back_between_runs(dashboard):
         feed(data, n_steps=3)
         dashboard.refresh()
         assert dashboard.mem_pages.currentWidget() is dashboard.mem_scroll
+
+
+def test_memory_plots_fill_their_view_after_a_run_with_more_devices(dashboard, qtbot):
+    """32 devices, then 2: the plots' grid once stayed at the 32-device size, a corner of the view."""
+    data = RunData()
+    dashboard.bind(data)
+    for n in (2, 32, 2):
+        data.reset(None)
+        dashboard.clear()
+        dashboard.refresh()
+        feed(data, n_steps=3, n=n)
+        dashboard.refresh()
+        qtbot.wait(20)
+        view, grid = dashboard.mem_view, dashboard.mem_layout
+        assert grid.size().width() == view.width() and grid.size().height() == view.height()
+        assert dashboard.mem_plots[0].plot.size().width() > view.width() / 5
