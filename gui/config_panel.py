@@ -587,10 +587,10 @@ class ConfigPanel(QWidget):
         # A new configuration makes the prediction in flight worthless: end its process
         # now rather than wait for it (a huge model can take minutes to trace).
         self._estimator.cancel()
+        self.estimate = None  # it was the old settings' (a run started now must not show it)
         if self._config is None or self._problems:
             self._estimate_timer.stop()
             self._estimate_clock.stop()
-            self.estimate = None
             self.estimate_label.setText("Fix the problems above to see the prediction.")
             self.estimate_warning.hide()
             return

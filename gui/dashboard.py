@@ -51,7 +51,7 @@ TELEMETRY_HZ = 10
 at a few per second, and redrawing them with every loss point cost a third of each frame."""
 MEMORY_COLUMNS = 4
 MEMORY_ROW_PX = 120
-SPLIT_SHARES = (0.22, 0.30, 0.30, 0.18)  # gauges, loss/rate/utilization, memory per device, timeline
+SPLIT_SHARES = (0.21, 0.29, 0.27, 0.23)  # gauges, loss/rate/utilization, memory per device, timeline
 LEGEND_MAX_DEVICES = 8  # past this the colours repeat: a legend would only list them again
 PREMADE_SLOTS = 4
 LEFT_AXIS_PX = 56
@@ -332,7 +332,7 @@ class Dashboard(QWidget):
                              "util": Placeholder(self.util_plot, UTIL_HINT)}
         self.markers = {"loss": Markers(self.loss_plot), "rate": Markers(self.rate_plot)}
         self.average_line = pg.InfiniteLine(angle=0, movable=False, label="",
-                                            labelOpts={"position": 0.9, "anchors": [(1, 1), (1, 1)]})
+                                            labelOpts={"position": 0.9, "anchors": [(1, 0), (1, 0)]})
         self.average_line.setPen(pg.mkPen(device_color(1), width=1, style=Qt.PenStyle.DotLine))
         self.rate_plot.addItem(self.average_line, ignoreBounds=True)
         self.average_line.hide()
