@@ -274,12 +274,15 @@ def test_paralab_gui_start_then_sigterm_stops_the_run(tmp_path):
             time.sleep(0.2)
         assert ranks, f"no rank started; output: {proc.stdout.read().decode() if proc.poll() is not None else ''}"
         time.sleep(2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # closes the window as its close button does
         assert proc.wait(timeout=90) == 128 + signal.SIGTERM
         deadline = time.time() + 10
         while alive(ranks) and time.time() < deadline:
             time.sleep(0.1)
         assert alive(ranks) == []
+        # Closing mid-run once printed a FileNotFoundError traceback in the terminal.
+        output = proc.stdout.read().decode(errors="replace")
+        assert "Traceback" not in output and "FileNotFoundError" not in output, output
     finally:
         if proc.poll() is None:
             proc.kill()
