@@ -334,6 +334,7 @@ class Dashboard(QWidget):
         self.average_line = pg.InfiniteLine(angle=0, movable=False, label="",
                                             labelOpts={"position": 0.9, "anchors": [(1, 0), (1, 0)]})
         self.average_line.setPen(pg.mkPen(device_color(1), width=1, style=Qt.PenStyle.DotLine))
+        self.average_line.label.setColor(device_color(1))
         self.rate_plot.addItem(self.average_line, ignoreBounds=True)
         self.average_line.hide()
         self.device_legend = QLabel("")

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyqtgraph as pg
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import QGraphicsItem, QLabel, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QGraphicsItem, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from ..core.events import PHASES
 from .buffers import PHASE_INDEX, RunData
@@ -139,8 +140,10 @@ class Timeline(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.plot, 1)
-        layout.addWidget(self.legend)
-        layout.addWidget(self.info)
+        row = QHBoxLayout()  # legend and idle shares side by side: a line less of height
+        row.addWidget(self.legend, 0, Qt.AlignmentFlag.AlignTop)
+        row.addWidget(self.info, 1)
+        layout.addLayout(row)
         self.window = Window()
         self._seen = -1
         self._rows = -1
