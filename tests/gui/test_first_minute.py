@@ -257,3 +257,16 @@ def test_syscheck_names_the_packages_for_what_the_linker_misses(monkeypatch):
     monkeypatch.setattr(syscheck, "missing_libraries", lambda paths=None: ["libxcb-keysyms.so.1"])
     text = syscheck.report()
     assert "libxcb-keysyms.so.1" in text and "apt-get install -y libxcb-keysyms1" in text
+
+
+# ---- 12: from Start to the first step, what is happening ---------------------------------------
+
+
+def test_startup_says_what_is_happening():
+    from paralab.gui.main_window import startup_text
+
+    assert startup_text(None) == "Starting the run…"
+    assert startup_text({"world": 4, "launched": 4, "heard": 1, "training": 0}) == "Starting the ranks: 1/4 up"
+    assert startup_text({"world": 4, "launched": 4, "heard": 4, "training": 2}) == \
+        "Building the model on every rank: 2/4 ready"
+    assert startup_text({"world": 4, "launched": 4, "heard": 4, "training": 4}) == "Running the first step…"
