@@ -330,7 +330,8 @@ class Dashboard(QWidget):
         self.placeholders = {"loss": Placeholder(self.loss_plot, LOSS_HINT),
                              "rate": Placeholder(self.rate_plot, RATE_HINT),
                              "util": Placeholder(self.util_plot, UTIL_HINT)}
-        self.markers = {"loss": Markers(self.loss_plot), "rate": Markers(self.rate_plot)}
+        # Labels where the curves are not: the loss falls to the bottom, the rate holds the top.
+        self.markers = {"loss": Markers(self.loss_plot, 0.92), "rate": Markers(self.rate_plot, 0.2)}
         self.average_line = pg.InfiniteLine(angle=0, movable=False, label="",
                                             labelOpts={"position": 0.9, "anchors": [(1, 0), (1, 0)]})
         self.average_line.setPen(pg.mkPen(device_color(1), width=1, style=Qt.PenStyle.DotLine))

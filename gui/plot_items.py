@@ -55,8 +55,12 @@ class Markers:
     """Vertical lines at x positions, each with a short label: where the run was paused,
     where the learning rate changed (with the new value), where it ended."""
 
-    def __init__(self, plot: pg.PlotItem) -> None:
+    END_KINDS = ("ok", "stopped", "oom", "error", "end")
+
+    def __init__(self, plot: pg.PlotItem, label_height: float = 0.92) -> None:
         self.plot = plot
+        self.label_height = label_height
+        """Where along the line the labels sit (0 bottom, 1 top): away from the curve."""
         self.lines: list[pg.InfiniteLine] = []
         self.shown: list[tuple[float, str, str]] = []
 
@@ -67,7 +71,7 @@ class Markers:
         self.shown = list(marks)
         while len(self.lines) < len(marks):
             line = pg.InfiniteLine(angle=90, movable=False,
-                                   label="", labelOpts={"position": 0.92, "anchors": [(0, 0), (0, 0)]})
+                                   label="", labelOpts={"position": self.label_height})
             self.plot.addItem(line, ignoreBounds=True)
             self.lines.append(line)
         for line, (x, kind, label) in zip(self.lines, marks):
@@ -75,6 +79,9 @@ class Markers:
             line.setPen(pg.mkPen(color, width=1, style=Qt.PenStyle.DashLine))
             line.label.format = label  # the label re-renders its format whenever the line moves
             line.label.setColor(color)
+            # The end's label reads leftwards, so it stays inside the plot at its right edge.
+            side = (1, 0) if kind in self.END_KINDS else (0, 0)
+            line.label.anchors = [side, side]
             line.setPos(x)
             line.label.setText(label)
             line.show()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -32,29 +32,42 @@ def _estimate_task(cfg: RunConfig) -> tuple[Callable, tuple]:
 
 class PredictionProcess:
     """Call it with a RunConfig (from a worker thread) for its Estimate; `cancel()` from
-    any thread ends the one in flight, whose caller then gets `Cancelled`."""
+    any thread ends the one in flight, whose caller then gets `Cancelled`; `close()` ends
+    it for good (the window is closing).
+
+    A worker is started (submit) and killed (close) under one lock: a worker that close()
+    did not see would go on starting after the app had exited and removed the pool's
+    semaphores, and print a FileNotFoundError traceback in the terminal."""
 
     def __init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._busy = False
         self._cancelled = False
+        self._closed = False
         self.task: Callable[[RunConfig], tuple[Callable, tuple]] = _estimate_task
         """What the child runs for a config: (function, args), both picklable."""
 
     def __call__(self, cfg: RunConfig) -> Any:
         function, args = self.task(cfg)
         with self._lock:
+            if self._closed:
+                raise Cancelled()
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(max_workers=1, mp_context=run_context(),
                                                  initializer=name_process, initargs=("paralab-predict",))
             pool = self._pool
             self._busy, self._cancelled = True, False
+            try:
+                future = pool.submit(function, *args)  # starts the worker: under the lock (see above)
+            except RuntimeError:  # shut down meanwhile
+                self._busy = False
+                raise Cancelled() from None
         try:
-            return pool.submit(function, *args).result()
-        except BrokenProcessPool:
+            return future.result()
+        except (BrokenProcessPool, CancelledError):
             with self._lock:
-                cancelled = self._cancelled
+                cancelled = self._cancelled or self._closed
                 if self._pool is pool:
                     self._pool = None
             if cancelled:
@@ -67,7 +80,7 @@ class PredictionProcess:
     def pids(self) -> list[int]:
         with self._lock:
             pool = self._pool
-        return [p.pid for p in (getattr(pool, "_processes", None) or {}).values()] if pool else []
+            return [p.pid for p in (getattr(pool, "_processes", None) or {}).values()] if pool else []
 
     @property
     def busy(self) -> bool:
@@ -79,15 +92,21 @@ class PredictionProcess:
             if not self._busy:
                 return
             self._cancelled = True
-        self.close()
+        self._end()
 
     def close(self) -> None:
+        """For good: kill the worker, and start no other."""
+        with self._lock:
+            self._closed = True
+        self._end()
+
+    def _end(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        processes = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
+            if pool is None:
+                return
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
         for p in processes:  # a trace under way is not worth waiting for
             p.kill()
             p.join(timeout=2)

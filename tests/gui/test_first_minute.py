@@ -270,3 +270,41 @@ def test_startup_says_what_is_happening():
     assert startup_text({"world": 4, "launched": 4, "heard": 4, "training": 2}) == \
         "Building the model on every rank: 2/4 ready"
     assert startup_text({"world": 4, "launched": 4, "heard": 4, "training": 4}) == "Running the first step…"
+
+
+# ---- 8: closing leaves no prediction worker starting behind ------------------------------------
+
+
+def test_closing_the_prediction_kills_its_worker_and_starts_no_other():
+    """A worker left starting after the app exited found the pool's semaphores gone and
+    printed a FileNotFoundError traceback in the terminal (closing the window mid-run)."""
+    import threading
+
+    from paralab.core.config import RunConfig
+    from paralab.gui.prediction import Cancelled, PredictionProcess
+
+    prediction = PredictionProcess()
+    prediction.task = lambda cfg: (time.sleep, (60,))
+    outcome: list[str] = []
+
+    def ask() -> None:
+        try:
+            prediction(RunConfig())
+            outcome.append("finished")
+        except Cancelled:
+            outcome.append("cancelled")
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    deadline = time.time() + 60
+    while not prediction.pids() and time.time() < deadline:
+        time.sleep(0.05)
+    pids = prediction.pids()
+    assert pids
+    prediction.close()
+    thread.join(10)
+    assert outcome == ["cancelled"]
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    with pytest.raises(Cancelled):
+        prediction(RunConfig())  # closed: no new worker
+    assert prediction.pids() == []
