@@ -10,6 +10,9 @@
 3. paralab's own per-step cost, without the noise of a shared machine: its training loop
    (controls, sampling decision, loss kept for batched read-back, flushes, phase marks)
    run around a step that does nothing, in microseconds, against the seed's step time.
+4. The cost of a sampled step on a simulated device: the recorder counts every allocation
+   and the modelled clock costs every op and lays the ranks out; the median host time of
+   sampled steps against the others in the same run.
 
 paralab's steps/s is read from its own step events (first to last step), so process
 start-up is not counted here; benchmarks/startup.py measures that.  On a shared machine
@@ -57,7 +60,21 @@ def paralab_steps_per_s(overrides: dict) -> float:
     steps = [e for e in Run(cfg).events() if isinstance(e, StepDone)]
     # Skip the first 10% (warm-up, the sampled first steps) as the bare loop has no start-up either.
     first, last = steps[len(steps) // 10], steps[-1]
-    return (last.step - first.step) / (last.time_s - first.time_s)
+    return (last.step - first.step) / (last.host_s - first.host_s)  # the host's time, not the modelled GPU's
+
+
+def sampled_step_cost(overrides: dict) -> tuple[float, float, int]:
+    """(median host ms of a sampled step, of an unsampled one, sampled steps) in one run."""
+    from paralab.core.events import PhaseSpan
+
+    cfg = presets.load("seed-data-parallel").with_overrides(overrides)
+    events = list(Run(cfg).events())
+    done = {e.step: e.host_s for e in events if isinstance(e, StepDone)}
+    sampled = {e.step for e in events if isinstance(e, PhaseSpan) and e.clock == "host"}
+    took = {s: done[s] - done[s - 1] for s in done if s - 1 in done and s > 3}  # past the first, sampled, steps
+    on = [1e3 * t for s, t in took.items() if s in sampled]
+    off = [1e3 * t for s, t in took.items() if s not in sampled]
+    return statistics.median(on), statistics.median(off), len(on)
 
 
 def loop_machinery_us(steps: int = 200_000) -> float:
@@ -139,6 +156,15 @@ def main() -> None:
         print(f"instrumented / uninstrumented ({mode}, {devices})  {max(instrumented) / max(plain):.3f} "
               f"(best/best; target >= 0.97; {max(instrumented):.0f} vs {max(plain):.0f} steps/s)   pairwise: "
               + ", ".join(f"{i / p:.3f}" for i, p in zip(instrumented, plain)))
+
+    mlp = {"model.kind": "mlp", "model.width": 256, "model.depth": 4, "model.in_features": 32,
+           "model.out_features": 8, "data.kind": "auto", "train.batch_size": 256, "train.steps": 2000}
+    for label, settings in (("seed regression", {}), ("mlp width 256", mlp)):
+        for mode, devices in (("single", "sim:1"), ("ddp", "sim:2")):
+            on, off, n = sampled_step_cost({**base, **settings, "mode": mode, "devices": devices,
+                                            "train.steps": settings.get("train.steps", args.steps // 4)})
+            print(f"sampled step ({label}, {mode}, {devices})  {on:.2f} ms against {off:.3f} ms unsampled "
+                  f"({n} sampled steps, 4 Hz)")
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None,
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .events import RunEnded, StepDone
+    from .events import RunEnded, RunStarted, StepDone
     from .run import Run, prewarm
 
     listen = args.listen
@@ -148,6 +148,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for event in run.events():
             if isinstance(event, StepDone):
                 progress.step(event)
+            elif isinstance(event, RunStarted):
+                progress.start(event)
             elif isinstance(event, RunEnded):
                 ended = event
     except KeyboardInterrupt:
@@ -157,6 +159,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.signal(s, handler)
     progress.close()
     return _report(ended, signals["code"], args.metrics)
+
+
+def _host(e: Any) -> float:
+    return e.host_s if e.host_s is not None else e.time_s
 
 
 def _report(ended: Any, signal_code: int, metrics: str | None) -> int:
@@ -172,7 +178,9 @@ def _report(ended: Any, signal_code: int, metrics: str | None) -> int:
 
 
 class Progress:
-    """A progress bar on a terminal, plain lines (one a second at most) otherwise."""
+    """A progress bar on a terminal, plain lines (one a second at most) otherwise.  Pace and
+    ETA are the host's; step times and samples/s are in the run's clock, which on simulated
+    devices with a GPU model is the modelled one (the first line says so)."""
 
     def __init__(self, cfg: RunConfig, out: TextIO, quiet: bool = False) -> None:
         self.total = cfg.train.steps
@@ -182,26 +190,35 @@ class Progress:
         self.last_print = -1e9
         self.last: Any = None
         self.first: Any = None
+        self.modelled = False
+
+    def start(self, e: Any) -> None:
+        """The run's clock, said once: what its times are."""
+        self.modelled = e.clock.startswith("modelled")
+        if self.modelled and not self.quiet:
+            self.out.write(f"clock: {e.clock} (step times and samples/s as that GPU would take them; "
+                           "the host's time is in each step event's host_s)\n")
+            self.out.flush()
 
     def step(self, e: Any) -> None:
         self.last = e
         self.first = self.first or e
         if self.quiet:
             return
+        now = _host(e)
         if self.tty:
-            if e.time_s - self.last_print >= 0.1 or e.step == self.total:
-                self.last_print = e.time_s
+            if now - self.last_print >= 0.1 or e.step == self.total:
+                self.last_print = now
                 self.out.write("\r" + self.line(e, bar=True) + "\x1b[K")
                 self.out.flush()
-        elif e.time_s - self.last_print >= 1.0 or e.step == self.total:
-            self.last_print = e.time_s
+        elif now - self.last_print >= 1.0 or e.step == self.total:
+            self.last_print = now
             self.out.write(self.line(e, bar=False) + "\n")
             self.out.flush()
 
     def line(self, e: Any, bar: bool) -> str:
         frac = e.step / self.total
-        rate = e.samples_per_s
-        span = e.time_s - self.first.time_s
+        span = _host(e) - _host(self.first)
         steps_per_s = (e.step - self.first.step) / span if span > 0 else 0.0
         eta = f"{(self.total - e.step) / steps_per_s:.0f} s" if steps_per_s > 0 else "…"
         loss = f"{e.loss:.4g}" if e.loss == e.loss else "nan"
@@ -209,8 +226,9 @@ class Progress:
         if bar:
             filled = int(frac * 24)
             drawn = "▕" + "█" * filled + "░" * (24 - filled) + "▏ "
+        clock = " (modelled)" if self.modelled else ""
         return (f"step {e.step:>{len(str(self.total))}}/{self.total} {drawn}loss {loss}  "
-                f"{_si(rate)} samples/s  ETA {eta}")
+                f"{_si(e.samples_per_s)} samples/s{clock}  ETA {eta}")
 
     def close(self) -> None:
         if self.tty and not self.quiet and self.last is not None:

@@ -80,8 +80,12 @@ COLLECTIVES = {
     "reduce_scatter_tensor_coalesced": "reduce-scatter", "broadcast_": "broadcast", "broadcast": "broadcast",
     "send": "send", "recv_": "recv",
 }
+# No kernel runs for these: allocation, metadata and profiler marks.  `_local_scalar_dense`
+# (.item()) is the optimizers reading their step counters, which live on the host in a
+# CUDA run (torch keeps them on the CPU unless capturable or fused).
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_to_copy_meta",
-             "wait_tensor", "detach", "lift_fresh", "_record_function_enter_new", "_record_function_exit"}
+             "wait_tensor", "detach", "lift_fresh", "_record_function_enter_new", "_record_function_exit",
+             "_local_scalar_dense"}
 
 
 @dataclass(slots=True)
@@ -141,7 +145,8 @@ class OpLog:
         if kind is not None and func.namespace in ("c10d", "_c10d_functional"):
             self._collective(device, phase, kind, args, ins, reads)
             return
-        if name in NO_KERNEL or (func.is_view and outs):
+        # prim ops (a tensor's device, layout...) reach the recorder under fake tensors only.
+        if name in NO_KERNEL or func.namespace == "prim" or (func.is_view and outs):
             if name == "wait_tensor":  # funcol: the result is used from here on
                 self.ops.append(Op(device, phase, "wait", 0.0, reads, writes, name))
             return

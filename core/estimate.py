@@ -42,7 +42,10 @@ class DeviceEstimate:
     capacity_bytes: int
     method: str
     phase: str = ""
-    """Trace: the phase at whose end the peak was reached."""
+    """Trace: the phase in which the peak was reached."""
+    modelled: dict[str, Any] | None = None
+    """Trace, on a GPU model: the step as that GPU would take it (step_s, busy share,
+    communication figures, spans of (phase, start, end) in seconds)."""
 
     @property
     def fits(self) -> bool:
@@ -51,7 +54,7 @@ class DeviceEstimate:
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "label": self.label, "peak_bytes": self.peak_bytes,
                 "bytes": dict(self.bytes), "capacity_bytes": self.capacity_bytes, "fits": self.fits,
-                "phase": self.phase}
+                "phase": self.phase, "modelled": self.modelled}
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Estimate:
     by_method: dict[str, list[DeviceEstimate]]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    gpu: str = ""
+    """The GPU model the traced step is timed on (sim.gpu)."""
 
     @property
     def devices(self) -> list[DeviceEstimate]:
@@ -76,7 +81,8 @@ class Estimate:
                 "method": "trace" if "trace" in self.by_method else "formula",
                 "requested": self.method,
                 "methods": {m: [d.to_json() for d in ds] for m, ds in self.by_method.items()},
-                "fits": self.fits, "notes": list(self.notes), "seconds": round(self.seconds, 3)}
+                "fits": self.fits, "notes": list(self.notes), "seconds": round(self.seconds, 3),
+                "gpu": self.gpu}
 
     def table(self) -> str:
         cols = ("device", "method", *CATEGORIES, "peak", "capacity", "")
@@ -92,7 +98,19 @@ class Estimate:
                            for i, (v, w) in enumerate(zip(r, widths))).rstrip() for r in (cols, *rows)]
         verdict = ("every device fits" if self.fits
                    else "won't fit: " + ", ".join(d.label for d in self.devices if not d.fits))
-        return "\n".join([*lines, "", verdict, *(f"note: {n}" for n in self.notes)])
+        return "\n".join([*lines, "", verdict, *self.time_lines(), *(f"note: {n}" for n in self.notes)])
+
+    def time_lines(self) -> list[str]:
+        """The traced step on the GPU model: its time and each device's busy share."""
+        timed = [d for d in self.by_method.get("trace", []) if d.modelled]
+        if not timed:
+            return []
+        step = timed[0].modelled["step_s"]
+        busy = ", ".join(f"{d.label} {100 * d.modelled['busy']:.0f}%" for d in timed)
+        comm = ", ".join(f"{d.label} {human_bytes(int(d.modelled['comm_bytes']))}" for d in timed
+                         if d.modelled["comm_bytes"])
+        return [f"modelled step: {1e3 * step:.3f} ms on {self.gpu}; compute busy: {busy}",
+                *([f"communication per step: {comm}"] if comm else [])]
 
 
 def estimate(cfg: RunConfig, method: str = "both", devices: list[Device] | None = None) -> Estimate:
@@ -111,7 +129,7 @@ def estimate(cfg: RunConfig, method: str = "both", devices: list[Device] | None 
 
     devices = devices if devices is not None else resolve(cfg.devices, cfg.sim.memory)
     start = time.perf_counter()
-    result = Estimate(method, {})
+    result = Estimate(method, {}, gpu=cfg.sim.gpu)
     if method in ("both", "formula"):
         result.by_method["formula"] = formula(cfg, devices)
     if method in ("both", "trace"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .clock import GpuModel, OpLog, gpu_models
+from .clock import GpuModel, OpLog, gpu_models, mfu
 from .events import PHASES, PhaseSpan, UtilizationSample
 from .schedule import ScheduleError, Timeline, idle, schedule
 
@@ -69,8 +69,10 @@ class ModelledClock:
                 out.append(PhaseSpan(d.index, phase, start + s, start + e, step, "modelled"))
             for s, e in idle(compute, tl.step_s):
                 out.append(PhaseSpan(d.index, "idle", start + s, start + e, step, "modelled"))
-            for name, s, e, nbytes in tl.comm.get(d.index, []):
+            for name, s, e, nbytes, _ in tl.comm.get(d.index, []):
                 out.append(PhaseSpan(d.index, "communication", start + s, start + e, step, "modelled", nbytes, name))
-            out.append(UtilizationSample(d.index, 100 * tl.busy_share(d.index), host_s, "modelled",
-                                         {"step_s": tl.step_s, "flops": tl.flops.get(d.index, 0.0)}))
+            flops = tl.flops.get(d.index, 0.0)
+            out.append(UtilizationSample(d.index, 100 * tl.busy_share(d.index), host_s, "modelled", {
+                "step_s": tl.step_s, "flops": flops, "mfu": mfu(flops, tl.step_s, self.gpu, tf32=self.tf32),
+                **tl.comm_figures(d.index)}))
         return out

@@ -24,7 +24,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from . import remote, worker
+from . import preflight, remote, worker
 from .config import ConfigError, RunConfig
 from .devices import Device, parse_spec, resolve
 from .events import Event, EventWriter, RunEnded, RunStarted, StepDone
@@ -87,6 +87,8 @@ class Run:
             sim = parse_spec(config.devices).kind == "sim"
             devices = resolve(config.devices, config.sim.memory, gpus=[]) if sim else []
         self.devices = devices if devices is not None else resolve(config.devices, config.sim.memory)
+        if listen is None and (refused := preflight.cannot_hold(config, self.devices)):
+            raise ConfigError(refused)  # before any rank builds what cannot fit
         self.metrics = Path(metrics) if metrics else None
         self.world = ranks if listen is not None else world_size(config.mode, len(self.devices))
         self._ctx = context()

@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .clock import Op
+from .clock import Op, bus_factor
 
 
 class ScheduleError(RuntimeError):
@@ -28,13 +28,27 @@ class Timeline:
     step_s: float
     compute: dict[int, list[tuple[str, float, float]]] = field(default_factory=dict)
     """Per device: (phase, start, end) of its compute, merged where back to back."""
-    comm: dict[int, list[tuple[str, float, float, int]]] = field(default_factory=dict)
-    """Per device: (collective, start, end, bytes)."""
+    comm: dict[int, list[tuple[str, float, float, int, int]]] = field(default_factory=dict)
+    """Per device: (collective, start, end, bytes, ranks taking part)."""
     flops: dict[int, float] = field(default_factory=dict)
 
     def busy_share(self, device: int) -> float:
+        """The share of the step its compute stream is busy (never communication or waiting)."""
         busy = sum(e - s for _, s, e in self.compute.get(device, []))
         return busy / self.step_s if self.step_s > 0 else 0.0
+
+    def comm_figures(self, device: int) -> dict[str, float]:
+        """Communication of one device: seconds (its stream busy), bytes, bus bandwidth as
+        nccl-tests defines it (bytes × the algorithm's bus factor / time), and the share of
+        its communication time hidden under compute (overlap)."""
+        spans = self.comm.get(device, [])
+        comm_s = _union([(s, e) for _, s, e, _, _ in spans])
+        hidden = sum(_overlap(a, b) for a in _merged([(s, e) for _, s, e, _, _ in spans])
+                     for b in [(s, e) for _, s, e in self.compute.get(device, [])])
+        bus = sum(n * bus_factor(name, ranks) for name, _, _, n, ranks in spans)
+        return {"comm_s": comm_s, "comm_bytes": float(sum(n for *_, n, _ in spans)),
+                "busbw_gbs": bus / comm_s / 1e9 if comm_s > 0 else 0.0,
+                "overlap": hidden / comm_s if comm_s > 0 else 0.0}
 
 
 def schedule(logs: dict[int, list[Op]]) -> Timeline:
@@ -83,7 +97,7 @@ def schedule(logs: dict[int, list[Op]]) -> Timeline:
                 if op.kind == "comm":  # a copy between two devices of one process
                     start = max(comm_free[(op.device, "copy")], inputs_ready(rank, op))
                     end = comm_free[(op.device, "copy")] = start + op.seconds
-                    comm[op.device].append((op.name, start, end, op.bytes))
+                    comm[op.device].append((op.name, start, end, op.bytes, 2))
                 elif op.kind == "compute":
                     start = max(compute_free[op.device], inputs_ready(rank, op))
                     end = compute_free[op.device] = start + op.seconds
@@ -100,7 +114,7 @@ def schedule(logs: dict[int, list[Op]]) -> Timeline:
     stuck = {rank: len(ops) - cursor[rank] for rank, ops in logs.items() if cursor[rank] < len(ops)}
     if stuck:  # the ranks' programs do not pair up: say so rather than invent a timeline
         raise ScheduleError(f"ops left unscheduled per rank: {stuck}")
-    ends = [e for spans in compute.values() for _, _, e in spans] + [e for c in comm.values() for *_, e, _ in c]
+    ends = [e for spans in compute.values() for _, _, e in spans] + [e for c in comm.values() for _, _, e, _, _ in c]
     tl.step_s = max(ends, default=0.0)
     tl.compute, tl.comm = dict(compute), dict(comm)
     return tl
@@ -131,7 +145,7 @@ def _resolve(arrived: dict[int, tuple[Op, float]], comm_free: dict[int, float],
     end = start + seconds
     for rank, (op, _) in arrived.items():
         comm_free[(op.device, _stream(op))] = end
-        comm[op.device].append((op.name, start, end, op.bytes))
+        comm[op.device].append((op.name, start, end, op.bytes, max(2, len(op.members))))
         for s in op.writes:
             ready[(rank, s)] = end
 
@@ -141,6 +155,24 @@ def _merge(spans: list[tuple[str, float, float]], phase: str, start: float, end:
         spans[-1] = (phase, spans[-1][1], end)
     else:
         spans.append((phase, start, end))
+
+
+def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _union(spans: list[tuple[float, float]]) -> float:
+    return sum(e - s for s, e in _merged(spans))
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
 def idle(compute: list[tuple[str, float, float]], until: float) -> list[tuple[float, float]]:

@@ -114,7 +114,7 @@ class Sampler(threading.Thread):
     def observe(self, events: Iterable[Event]) -> None:
         arrived = perf_counter()
         for e in events:
-            if isinstance(e, PhaseSpan):
+            if isinstance(e, PhaseSpan) and e.clock == "host":  # the host's busy share, in host time
                 self.busy.add(e, arrived)
             elif isinstance(e, MemorySample) and "reserved" in e.extra:
                 self._add_non_torch(e)

@@ -45,6 +45,7 @@ def trace(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
     # Room without limit, so the trace runs to its peak; capacity is compared afterwards.
     roomy = [dataclasses.replace(d, kind="sim", capacity_bytes=2**62, gpu=None, share=1) for d in devices]
     found: dict[int, tuple[dict[str, int], int, str]] = {}
+    logs: dict[int, list] = {}
     try:  # imported before any patching, so the module binds the real torch classes
         module = importlib.import_module(f"{__package__}.parallel.{STRATEGIES[cfg.mode].module}")
     except ModuleNotFoundError as e:
@@ -52,7 +53,7 @@ def trace(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
     with _trace_lock, _fake_tensors(), _stand_ins(module):
         for ranks in rank_groups(cfg, world):
             try:
-                got = _trace_rank(cfg, roomy, ranks[0], world, distributed)
+                got = _trace_rank(cfg, roomy, ranks[0], world, distributed, logs)
             except EstimateError:
                 raise
             except Exception as e:
@@ -61,11 +62,40 @@ def trace(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
             found.update(got)
             for r in ranks[1:]:  # one device per rank in the symmetric modes
                 found[r] = got[ranks[0]]
+                if ranks[0] in logs:  # the same program: the same ops, on its own device
+                    logs[r] = [dataclasses.replace(op, device=r) for op in logs[ranks[0]]]
+    timeline = _lay_out(logs)
     out = []
     for d in devices:
         bytes_, peak, phase = found[d.index]
         out.append(DeviceEstimate(d.index, d.label, peak, dict(bytes_), d.capacity_bytes, "trace", phase))
+        if timeline is not None:
+            out[-1].modelled = _modelled(timeline, d.index)
     return out
+
+
+def _lay_out(logs: dict[int, list]) -> Any:
+    """The traced step's ops of every rank on modelled GPU streams, as a run lays out a
+    sampled step (core.schedule); None where there is no GPU model or they do not pair up."""
+    from .schedule import ScheduleError, schedule
+
+    if not logs:
+        return None
+    try:
+        return schedule(logs)
+    except ScheduleError:
+        return None
+
+
+def _modelled(tl: Any, device: int) -> dict[str, Any]:
+    """One device's modelled step: its time, busy share and spans (phase, start, end)."""
+    from .schedule import idle
+
+    compute = tl.compute.get(device, [])
+    spans = [*compute, *(("idle", s, e) for s, e in idle(compute, tl.step_s)),
+             *(("communication", s, e) for _, s, e, _, _ in tl.comm.get(device, []))]
+    return {"step_s": tl.step_s, "busy": tl.busy_share(device), **tl.comm_figures(device),
+            "spans": sorted(spans, key=lambda x: x[1])}
 
 
 def rank_groups(cfg: RunConfig, world: int) -> list[list[int]]:
@@ -87,9 +117,11 @@ def rank_groups(cfg: RunConfig, world: int) -> list[list[int]]:
 
 
 def _trace_rank(cfg: RunConfig, devices: list[Device], rank: int, world: int,
-                distributed: bool) -> dict[int, tuple[dict[str, int], int, str]]:
-    """One rank's setup and first steps, as worker._run does them, on fake tensors."""
+                distributed: bool, logs: dict[int, list]) -> dict[int, tuple[dict[str, int], int, str]]:
+    """One rank's setup and first steps, as worker._run does them, on fake tensors; the
+    last step's ops, costed on the GPU model (sim.gpu), go into `logs`."""
     from . import worker
+    from .clock import OpLog, gpu_models
     from .memory import MemoryLedger
     from .parallel import STRATEGIES
     from .recorder import Recorder
@@ -103,27 +135,26 @@ def _trace_rank(cfg: RunConfig, devices: list[Device], rank: int, world: int,
         ctx.group = group
         probe = worker.Probe(ctx)
         trainer = STRATEGIES[cfg.mode].apply(ctx)
-        for step in range(1, min(TRACE_STEPS, cfg.train.steps) + 1):
+        gpu = gpu_models().get(cfg.sim.gpu)
+        last = min(TRACE_STEPS, cfg.train.steps)
+        for step in range(1, last + 1):
             probe.active, probe.step = True, step
             ledger.begin_step()
             probe.where = (local[0].index, "forward")
-            with Recorder(ledger):  # what a rank's sampled step counts, allocation by allocation
+            # The steady step (last step's gradients and the optimizer's state exist) is
+            # the one a run's modelled clock repeats.
+            log = OpLog(gpu, lambda: probe.where, cfg.sim.tf32) if gpu is not None and step == last else None
+            with Recorder(ledger, on_op=log):  # what a rank's sampled step counts, allocation by allocation
                 trainer.step(step, probe)
             ledger.end_step()
             probe.spans.clear()
-            for opt in trainer.optimizers:
-                # Its state exists now and later steps only change values in place: on
-                # fake tensors the step is a third of the trace's time and adds no byte.
-                opt.step = _no_step
+            if log is not None:
+                logs[rank] = log.ops
             for d in local:
                 bytes_, phase, _ = ledger.step_peak(d.index)
                 if sum(bytes_.values()) > best[d.index][0]:
                     best[d.index] = (sum(bytes_.values()), bytes_, phase)
     return {d.index: (best[d.index][1], ledger.peak[d.index], best[d.index][2]) for d in local}
-
-
-def _no_step(*args: Any, **kwargs: Any) -> None:
-    return None
 
 
 def _this_thread(patched: Any, original: Any) -> Any:
@@ -248,26 +279,32 @@ def _pipeline_vote() -> Iterator[None]:
 
 
 class _TracedDDP(nn.Module):
-    """DDP as the ledger sees it: the module, its gradients, and the gradient buckets the
-    comm hook is handed.  DDP's buckets are flat copies of the gradients (25 MiB each)
-    that together hold every gradient once: here one bucket holds them all, the same
-    bytes.  As in DDP the hook runs once the last gradient has been accumulated."""
+    """DDP as the ledger and the clock see it: the module, its gradients, and the gradient
+    buckets the comm hook is handed.  DDP's buckets are flat copies of the gradients (25 MiB
+    each) that together hold every gradient once: here one bucket holds them all, the same
+    bytes.  As DDP's reducer does, each gradient is copied into its place in the bucket as
+    it is ready, the hook runs once the last one is, and the reduced bucket is copied back
+    into the gradients (kernels a GPU runs, each with its launch)."""
 
     def __init__(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
         super().__init__()
         self.module = module
         self._hook: tuple[Any, Any] | None = None
         params = [p for p in module.parameters() if p.requires_grad]
-        self._bucket = _Bucket(torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype,
-                                           device=params[0].device), params)
+        flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self._bucket = _Bucket(flat, params)
+        places = dict(zip(map(id, params), flat.split([p.numel() for p in params])))
         ready = [0]
 
-        def accumulated(_p: Any) -> None:
+        def accumulated(p: Any) -> None:
+            places[id(p)].copy_(p.grad.reshape(-1))
             ready[0] += 1
             if ready[0] == len(params) and self._hook is not None:
                 ready[0] = 0
                 with _done_all_reduce():
                     self._hook[1](self._hook[0], self._bucket).wait()
+                for q in params:
+                    q.grad.reshape(-1).copy_(places[id(q)])
 
         for p in params:
             p.register_post_accumulate_grad_hook(accumulated)

@@ -45,7 +45,7 @@ from .welcome import Welcome
 THEMES = ("light", "dark")
 FAILURE_TITLES = {"oom": "Out of memory", "error": "A rank failed"}
 CSV_COLUMNS = ["event", "time_s", "step", "device", "loss", "samples_per_s", "lr", *CATEGORIES,
-               "peak_bytes", "capacity_bytes", "phase", "start_s", "end_s", "clock", "name", "message_bytes",
+               "peak_bytes", "capacity_bytes", "phase", "op", "start_s", "end_s", "clock", "name", "message_bytes",
                "percent", "source", "status", "message", "steps", "param_count"]
 STOP_CLOSE_TIMEOUT_MS = 20_000
 

@@ -73,17 +73,15 @@ def world_size(mode: str, n_devices: int) -> int:
 
 
 def standard_step(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, probe: Probe,
-                  device: int, x: torch.Tensor, y: torch.Tensor,
-                  also_held: Callable[[], list[torch.Tensor]] | None = None) -> torch.Tensor:
+                  device: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One training step as the seeds write it, each phase under the probe: forward and
     loss; zero_grad (so last step's gradients live through the forward, as in the seeds);
-    backward; optimizer step.  `also_held` names more tensors the device holds as `other`
-    (asked only on sampled steps)."""
+    backward; optimizer step."""
     with probe.phase(device, "forward"):
         out = model(x)
         loss = loss_fn(cfg.model, out, y)
         if probe.active:
-            probe.other(device, x, y, out, loss, *(also_held() if also_held else ()))
+            probe.other(device, x, y, out, loss)
     with probe.phase(device, "backward"):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -97,10 +95,11 @@ def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     parameter), which torch picks by default on CUDA but not on the CPU.  Simulated devices
     then allocate and take the time a GPU's optimizer step would; the update is the same."""
     params = list(params)
-    # A foreach kernel takes one kind of tensor: tensor parallel's whole (replicated) ends
-    # beside its DTensor blocks step one parameter at a time, as they would on a GPU.
-    kinds = {type(p).__name__ == "DTensor" for p in params}
-    foreach = len(kinds) <= 1
+    # Plain tensors only: a foreach kernel cannot mix tensor parallel's whole (replicated)
+    # ends with its DTensor blocks, and on fake tensors DTensor's foreach ops allocate what a
+    # run does not (the estimate would count it); FSDP and tensor parallel step one
+    # parameter at a time, which costs them launches in the modelled optimizer phase.
+    foreach = not any(type(p).__name__ == "DTensor" for p in params)
     if train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=train.lr, foreach=foreach)
     if train.optimizer == "adamw":

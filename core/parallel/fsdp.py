@@ -10,8 +10,9 @@ memory); False keeps them until backward (ZeRO-2-like: one all-gather fewer).
 
 Memory: params, grads and optimizer count the local shards (padded so dim 0 splits
 evenly over the devices).  The gathered full parameters are working copies, not what
-the device owns: they count as `other` while they are alive, and never as activations
-(the ledger skips parameters that autograd saves).
+the device owns: FSDP makes them by resizing storages, which the recorder sees, and
+they count as `temporaries` while they are alive — never as activations (the ledger
+skips parameters that autograd saves), even when kept from forward until backward.
 Communication: every all-gather and reduce-scatter is timed on sampled steps.
 """
 
@@ -23,7 +24,6 @@ from time import perf_counter
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 try:  # FSDP's default collectives, to wrap with a stopwatch (torch >= 2.8; private names)
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
@@ -64,14 +64,10 @@ def apply_fsdp(ctx) -> Trainer:
     ctx.ledger.checkpoint("setup")
     d, rank = device.index, ctx.rank
 
-    def gathered() -> list[torch.Tensor]:
-        # Registered parameters that are not sharded DTensors are the gathered copies.
-        return [p for p in model.parameters() if not isinstance(p, DTensor)]
-
     def step(i, probe):
         x, y = data.shard(i, cfg.train.batch_size, rank, ctx.world)
         timer.probe = probe if probe.active else None
-        return standard_step(cfg, model, optimizer, probe, d, x, y, also_held=gathered)
+        return standard_step(cfg, model, optimizer, probe, d, x, y)
 
     return Trainer(step, [optimizer])
 

@@ -109,6 +109,18 @@ def test_ddp_all_reduces_the_gradients_while_backward_runs():
     compute = sum(s.end_s - s.start_s for s in step if s.device == 0 and s.phase in ("forward", "backward", "optimizer"))
     comm = sum(s.end_s - s.start_s for s in step if s.device == 0 and s.phase == "communication")
     assert step_seconds(events)[-1] < compute + comm
+    # The figures shown beside it, from those same spans and nccl-tests' bus factor.
+    util = [e for e in events if isinstance(e, UtilizationSample) and e.source == "modelled" and e.device == 0][-1]
+    hidden = sum(max(0.0, min(c.end_s, b.end_s) - max(c.start_s, b.start_s))
+                 for c in step if c.device == 0 and c.phase == "communication"
+                 for b in step if b.device == 0 and b.phase in ("forward", "backward", "optimizer"))
+    assert 0 < util.extra["overlap"] <= 1
+    assert util.extra["overlap"] == pytest.approx(hidden / comm, rel=1e-6)
+    assert util.extra["comm_bytes"] == params
+    assert util.extra["busbw_gbs"] == pytest.approx(params * 2 * 3 / 4 / comm / 1e9, rel=1e-6)
+    flops = 6 * params / 4 * MLP["train.batch_size"] / 4  # 6·N·B over this device's quarter batch
+    assert 0.5 * flops < util.extra["flops"] < 2 * flops
+    assert util.extra["mfu"] == pytest.approx(util.extra["flops"] / (util.extra["step_s"] * H100.fp32_tflops * 1e12))
 
 
 @pytest.mark.slow

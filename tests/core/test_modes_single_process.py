@@ -158,7 +158,8 @@ def test_data_parallel_replicas_do_not_outlive_their_step():
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and steady on a busy machine
     try:
         before = run(range(1, 5))
-        assert run(range(5, 30)) == before
+        # A leak grows with the steps; fewer is fine (what earlier tests left can be collected).
+        assert run(range(5, 30)) <= before
     finally:
         torch.set_num_threads(threads)
 

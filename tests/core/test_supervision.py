@@ -53,7 +53,9 @@ def test_hung_rank_is_named_within_the_timeout(tmp_path, no_leftover_ranks):
 
 
 def test_out_of_memory_records_the_device_at_that_moment(tmp_path, no_leftover_ranks):
-    cfg = DDP.with_overrides({"sim.memory": "1MiB", "model.width": 256})
+    # The state fits (a run that cannot even hold it is refused before it starts); the
+    # activations of a 4096-sample batch do not.
+    cfg = DDP.with_overrides({"sim.memory": "1MiB", "train.batch_size": 4096})
     events = list(Run(cfg, metrics=tmp_path / "e.jsonl").events())
     end = events[-1]
     assert end.status == "oom" and end.device in (0, 1) and f"sim{end.device}" in end.message

@@ -133,11 +133,14 @@ def test_simulated_devices_report_busy_and_cpu_during_a_run(no_leftover_ranks):
                         model__width=64, model__depth=2)
     assert ended(events).status == "ok"
     samples = [e for e in events if isinstance(e, UtilizationSample)]
-    assert {s.device for s in samples} == {0, 1}
-    assert all(s.source == "spans" and "cpu_percent" in s.extra for s in samples)
-    busy = [s.percent for s in samples if s.percent is not None]
-    assert busy and all(0.0 <= p <= 100.0 for p in busy)
-    assert max(busy) > 10.0  # training computes most of each step
+    assert {s.source for s in samples} == {"spans", "modelled"}
+    for source in ("spans", "modelled"):  # the host's busy share, and the modelled GPU's
+        busy = [s.percent for s in samples if s.source == source and s.percent is not None]
+        assert {s.device for s in samples if s.source == source} == {0, 1}
+        assert busy and all(0.0 <= p <= 100.0 for p in busy), source
+        assert max(busy) > 10.0, source  # training computes most of each step
+    samples = [s for s in samples if s.source == "spans"]
+    assert all("cpu_percent" in s.extra for s in samples)
     cpu = [s.extra["cpu_percent"] for s in samples if s.extra["cpu_percent"] is not None]
     assert cpu and max(cpu) > 0.0
     assert not any(t.name == "paralab-telemetry" and t.is_alive() for t in threading.enumerate())

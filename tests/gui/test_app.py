@@ -208,8 +208,8 @@ def test_placement_table_moves_layers_between_devices(window):
 
 def test_out_of_memory_shows_the_banner_and_the_next_run_works(window, qtbot, no_leftover_ranks):
     w, panel = window, window.panel
-    # An MLP of width 512 has about 2 MiB of parameters alone: it cannot fit in 1 MiB.
-    fill(panel, memory="1MiB", width=512, depth=1, steps=20)
+    # A small MLP's state fits in 1 MiB, the activations of a 4096-sample batch do not.
+    fill(panel, memory="1MiB", width=16, depth=1, batch=4096, steps=20)
     qtbot.waitUntil(lambda: panel.estimate is not None, timeout=60_000)
     assert not panel.estimate.fits and panel.estimate_warning.isVisible()
     assert "sim0" in panel.estimate_warning.text()
