@@ -47,6 +47,7 @@ from .timeline import Timeline
 
 MAX_FPS = 30
 TELEMETRY_HZ = 10
+TELEMETRY_PARTS = ("memory", "util", "gauges", "timeline")
 """Memory, utilization, gauges and timeline redraw at most this often: their samples come
 at a few per second, and redrawing them with every loss point cost a third of each frame."""
 MEMORY_COLUMNS = 4
@@ -341,7 +342,8 @@ class Dashboard(QWidget):
         self.device_legend = QLabel("")
         self.device_legend.setWordWrap(True)
         self.device_legend.setToolTip("The colour of each device's line in the utilization plot.")
-        self._telemetry_at = 0.0
+        self._part_at = dict.fromkeys(TELEMETRY_PARTS, 0.0)
+        self._drawn: dict[str, object] = {}
         self.telemetry_interval_s = 1.0 / TELEMETRY_HZ
         self._follow = {"loss": Follow(self.loss_plot), "rate": Follow(self.rate_plot),
                         "util": Follow(self.util_plot, y_fixed=(0.0, 100.0))}
@@ -387,6 +389,7 @@ class Dashboard(QWidget):
     def bind(self, data: RunData) -> None:
         self.data = data
         self._seen = {}
+        self._drawn = {}
 
     def set_prediction(self, pred: dict[int, dict] | None) -> None:
         """device -> {"peak_bytes": int, "bytes": {category: int}} from core.estimate."""
@@ -422,7 +425,7 @@ class Dashboard(QWidget):
         self.timeline.clear()
         self.status.setText("")
         self._seen = {}
-        self._telemetry_at = 0.0
+        self._drawn = {}
 
     def export_png(self, path: str | Path) -> Path:
         """Save what the dashboard shows as a PNG; OSError if it cannot be written."""
@@ -462,19 +465,35 @@ class Dashboard(QWidget):
             self._layout(data)
         if self._changed("steps", data.steps_version):
             self._draw_steps(data)
-        now = time.monotonic()
-        if not force and now - self._telemetry_at < self.telemetry_interval_s:
-            self._seen.pop("all", None)  # come back for the telemetry at a later tick
-            return True
-        self._telemetry_at = now
-        if self._changed("memory", data.memory_version):
+        versions = {"memory": data.memory_version, "util": data.util_version,
+                    "gauges": (data.memory_version, data.end_version), "timeline": data.span_version}
+        stale = [part for part in TELEMETRY_PARTS if self._drawn.get(part) != versions[part]]
+        if force or self.telemetry_interval_s <= 0:
+            due = stale
+        else:
+            # One telemetry view per tick, the longest waiting whose interval has passed:
+            # spread over ticks, no tick holds the event loop for all of them at once.
+            now = time.monotonic()
+            ready = [p for p in stale if now - self._part_at[p] >= self.telemetry_interval_s]
+            due = [min(ready, key=self._part_at.get)] if ready else []
+        for part in due:
+            self._draw_part(part, data)
+            self._drawn[part] = versions[part]
+            self._part_at[part] = time.monotonic()
+        if len(due) < len(stale):
+            self._seen.pop("all", None)  # come back for the rest at a later tick
+        return True
+
+    def _draw_part(self, part: str, data: RunData) -> None:
+        if part == "memory":
             for d, mp in zip(data.devices, self.mem_plots):
                 mp.draw(d.memory.column(0), d.memory.columns(1, 1 + len(CATEGORIES)), d.capacity_bytes)
-        if self._changed("util", data.util_version):
+        elif part == "util":
             self._draw_util(data)
-        self.devices.refresh(data)
-        self.timeline.refresh(data)
-        return True
+        elif part == "gauges":
+            self.devices.refresh(data)
+        else:
+            self.timeline.refresh(data)
 
     def _draw_steps(self, data: RunData) -> None:
         s = data.steps
@@ -533,6 +552,7 @@ class Dashboard(QWidget):
         """Show one memory plot and one utilization curve per device; slots are made
         once and kept for later runs (hidden when a run has fewer devices)."""
         self._shown = tuple(data.labels)
+        self._drawn = {}  # the plots were cleared: every telemetry view draws again
         n = len(data.devices)
         self._make_slots(n)
         if 1 < n <= LEGEND_MAX_DEVICES:
