@@ -74,7 +74,9 @@ class Markers:
                                    label="", labelOpts={"position": self.label_height})
             self.plot.addItem(line, ignoreBounds=True)
             self.lines.append(line)
-        for line, (x, kind, label) in zip(self.lines, marks):
+        step = -0.12 if self.label_height > 0.5 else 0.12  # staggered: near markers' labels do not overlap
+        for i, (line, (x, kind, label)) in enumerate(zip(self.lines, marks)):
+            line.label.setPosition(self.label_height + step * (i % 3))
             color = MARKER_COLORS.get(kind, "#888888")
             line.setPen(pg.mkPen(color, width=1, style=Qt.PenStyle.DashLine))
             line.label.format = label  # the label re-renders its format whenever the line moves
