@@ -42,7 +42,7 @@ def load_config(args: argparse.Namespace, check: bool = True) -> RunConfig:
     from . import presets
 
     try:
-        if getattr(args, "preset", None):
+        if getattr(args, "preset", None) is not None:
             cfg = presets.load(args.preset)
         elif getattr(args, "config", None):
             cfg = RunConfig.load(args.config)
@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None,
         for line in str(e).splitlines():
             print(f"paralab: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C before a run has its handlers (imports, checks)
+        print("\nparalab: stopped before the run started", file=sys.stderr)
+        return 130
 
 
 # ---- run ---------------------------------------------------------------------------------------
@@ -118,19 +121,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     listen = args.listen
     if (listen is None) != (args.ranks is None):
         raise BadInput("--listen HOST:PORT and --ranks N go together: wait here for N ranks that torchrun starts")
-    if listen is None:
-        prewarm()  # torch loads in the forkserver while the config is read and checked
     # Listening, the devices are the ranks' (checked by the Run), not this machine's.
     cfg = load_config(args, check=listen is None)
-    try:
+    if args.metrics is not None:  # '' included: a Run would take it for "no file"
+        from .eventsfile import any_problem
+
+        if problem := any_problem(args.metrics):
+            raise BadInput(problem)
+    try:  # checks what only a run needs (host memory, --metrics); starts nothing
         run = Run(cfg, metrics=args.metrics, listen=listen, ranks=args.ranks or 0)
     except ConfigError as e:
         raise BadInput(str(e)) from None
+    if listen is None:
+        prewarm()  # only once the input is good: bad input starts nothing
     if run.listener is not None:
         from .remote import instructions
 
         print(instructions(run.listener.address, run.world, run.authkey, run.authkey_generated),
               file=sys.stderr, flush=True)
+        run.listener.on_turned_away = lambda why: print(f"paralab: {why}", file=sys.stderr, flush=True)
     signals = {"count": 0, "code": 0}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -158,7 +167,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     progress.close()
-    return _report(ended, signals["code"], args.metrics)
+    code = _report(ended, signals["code"], args.metrics)
+    if run.events_problem and (ended is None or run.events_problem not in ended.message):
+        print(f"paralab: {run.events_problem}", file=sys.stderr)  # noticed only as the file closed
+        return EXIT_FAILED if code == EXIT_OK else code
+    return code
 
 
 def _host(e: Any) -> float:

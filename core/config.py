@@ -37,6 +37,18 @@ class ConfigError(ValueError):
     """Bad user input; the message is a sentence meant for a person."""
 
 
+MAX_SHOWN = 60
+MAX_FILE_BYTES = 1 << 20
+"""A config file larger than this is not a config file (/dev/zero, a log given by mistake)."""
+MAX_NESTING = 32
+
+
+def shown(value: Any) -> str:
+    """repr(value) for a message, cut to MAX_SHOWN characters: a sentence, not the input back."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 1] + "…"
+
+
 class Bytes(int):
     """A byte count that reads and writes as '24GiB', '512MiB', '1e9' or '1000000'."""
 
@@ -46,16 +58,16 @@ class Bytes(int):
     @classmethod
     def parse(cls, text: str | int | float) -> Bytes:
         if isinstance(text, bool):
-            raise ConfigError(f"{text!r} is not a memory size")
+            raise ConfigError(f"{shown(text)} is not a memory size")
         if isinstance(text, (int, float)):
             value = float(text)
         else:
             m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
             if not m or m.group(2).lower() not in cls._UNITS:
-                raise ConfigError(f"{text!r} is not a memory size; write it like 24GiB, 512MiB or 1000000")
+                raise ConfigError(f"{shown(text)} is not a memory size; write it like 24GiB, 512MiB or 1000000")
             value = float(m.group(1)) * cls._UNITS[m.group(2).lower()]
         if value != value or value < 0 or value > 2**62:
-            raise ConfigError(f"{text!r} is not a memory size")
+            raise ConfigError(f"{shown(text)} is not a memory size")
         return cls(int(value))
 
     def human(self) -> str:
@@ -190,17 +202,31 @@ class RunConfig:
     def load(cls, path: str | Path) -> RunConfig:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            if path.is_dir():
+                raise ConfigError(f"config file {path} is a folder; give a .toml file")
+            with open(path, "rb") as f:
+                raw = f.read(MAX_FILE_BYTES + 1)
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        if len(raw) > MAX_FILE_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_FILE_BYTES // 2**20} MiB: not a paralab config")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start} cannot be read)") from None
         return cls.loads(text, source=str(path))
 
     @classmethod
     def loads(cls, text: str, source: str = "config") -> RunConfig:
+        text = text.removeprefix("\ufeff")  # a BOM some editors write
+        if _nesting(text) > MAX_NESTING:
+            raise ConfigError(f"{source} nests more than {MAX_NESTING} levels of [ and {{: not a paralab config")
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{source} is not valid TOML: {e}") from None
+            raise ConfigError(f"{source} is not valid TOML: {shown(str(e))[1:-1]}") from None
+        except (RecursionError, MemoryError):
+            raise ConfigError(f"{source} is too deeply nested or too large to read") from None
         return cls.from_dict(data)
 
     def dumps(self) -> str:
@@ -268,14 +294,14 @@ def set_value(config: RunConfig, key: str, value: Any) -> RunConfig:
 def _set(obj: Any, parts: list[str], value: Any, key: str) -> Any:
     names = {f.name for f in fields(obj)}
     if parts[0] not in names:
-        raise ConfigError(f"unknown setting {key!r}; known settings: {', '.join(keys())}")
+        raise ConfigError(f"unknown setting {shown(key)}; known settings: {', '.join(keys())}")
     hint = typing.get_type_hints(type(obj))[parts[0]]
     if len(parts) == 1:
         if dataclasses.is_dataclass(hint):
             raise ConfigError(f"{key!r} is a section; set one of its keys, e.g. {key}.{fields(hint)[0].name}")
         return replace(obj, **{parts[0]: coerce(hint, value, key)})
     if not dataclasses.is_dataclass(hint):
-        raise ConfigError(f"unknown setting {key!r}; known settings: {', '.join(keys())}")
+        raise ConfigError(f"unknown setting {shown(key)}; known settings: {', '.join(keys())}")
     return replace(obj, **{parts[0]: _set(getattr(obj, parts[0]), parts[1:], value, key)})
 
 
@@ -327,24 +353,47 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {e}") from None
     kind = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(
         hint, "a list of whole numbers like 1,2" if typing.get_origin(hint) is tuple else "a memory size like 24GiB")
-    raise ConfigError(f"{key} must be {kind}, not {value!r}")
+    raise ConfigError(f"{shown(key)[1:-1]} must be {kind}, not {shown(value)}")
+
+
+def _nesting(text: str) -> int:
+    """How deep [ and { nest, strings and comments aside (roughly: enough to refuse a bomb)."""
+    depth = deepest = 0
+    quote = ""
+    comment = False
+    for ch in text:
+        if comment:
+            comment = ch != "\n"
+        elif quote:
+            if ch == quote or ch == "\n":
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#":
+            comment = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 def _split_assignment(text: str) -> tuple[str, str]:
     if "=" not in text:
-        raise ConfigError(f"--set takes KEY=VALUE, e.g. train.lr=0.01; got {text!r}")
+        raise ConfigError(f"--set takes KEY=VALUE, e.g. train.lr=0.01; got {shown(text)}")
     key, value = text.split("=", 1)
     return key.strip(), value
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"[{prefix.rstrip('.')}] must be a table of settings, not {data!r}")
+        raise ConfigError(f"[{prefix.rstrip('.')}] must be a table of settings, not {shown(data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown setting {prefix + unknown[0]!r}; known settings: {', '.join(keys())}")
+        raise ConfigError(f"unknown setting {shown(prefix + unknown[0])}; known settings: {', '.join(keys())}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
@@ -365,12 +414,16 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r", "\b": "\\b", "\f": "\\f"}
+
+
 def _dump_toml(data: dict[str, Any]) -> str:
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        if isinstance(v, str):  # a TOML basic string: control characters escaped, so it reads back
+            return '"' + "".join(_TOML_ESCAPES.get(c, f"\\u{ord(c):04x}" if ord(c) < 0x20 or c == "\x7f" else c)
+                                 for c in v) + '"'
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
         return repr(v)

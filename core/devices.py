@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .config import ConfigError, human_bytes
+from .config import ConfigError, human_bytes, shown
 
 
 class DeviceError(ConfigError):
@@ -77,20 +77,20 @@ def parse_spec(text: str) -> DeviceSpec:
     if m := re.fullmatch(r"sim(?::(\d+))?", spec):
         count = int(m.group(1) or 1)
         if not 1 <= count <= 64:
-            raise DeviceError(f"devices {text!r}: a run takes 1 to 64 simulated devices")
+            raise DeviceError(f"devices {shown(text)}: a run takes 1 to 64 simulated devices")
         return DeviceSpec("sim", count=count)
     if m := re.fullmatch(r"cuda:(\d+)x(\d+)", spec):
         share = int(m.group(2))
         if not 1 <= share <= 16:
-            raise DeviceError(f"devices {text!r}: one GPU can be shared by 1 to 16 logical devices")
+            raise DeviceError(f"devices {shown(text)}: one GPU can be shared by 1 to 16 logical devices")
         return DeviceSpec("cuda", count=share, gpus=(int(m.group(1)),), share=share)
     if m := re.fullmatch(r"cuda(?::(\d+(?:\s*,\s*\d+)*))?", spec):
         gpus = tuple(int(g) for g in re.split(r"\s*,\s*", m.group(1))) if m.group(1) else (0,)
         if len(set(gpus)) != len(gpus):
-            raise DeviceError(f"devices {text!r} names a GPU twice; to share one GPU write cuda:0x2")
+            raise DeviceError(f"devices {shown(text)} names a GPU twice; to share one GPU write cuda:0x2")
         return DeviceSpec("cuda", count=len(gpus), gpus=gpus)
     raise DeviceError(
-        f"devices {text!r} is not a device spec; write auto, sim:4, cuda:0,1 or cuda:0x4 "
+        f"devices {shown(text)} is not a device spec; write auto, sim:4, cuda:0,1 or cuda:0x4 "
         "(simulated and CUDA devices cannot be mixed in one run)"
     )
 

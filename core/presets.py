@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, shown
 
 # The seeds come first in every list.
 FIRST = ("seed-data-parallel", "seed-model-parallel")
@@ -17,7 +17,8 @@ def names() -> list[str]:
 
 
 def load(name: str) -> RunConfig:
+    """A preset by name: only the names `names()` lists (never a path)."""
+    if name not in names():
+        raise ConfigError(f"there is no preset {shown(name)}; presets: {', '.join(names())}")
     file = resources.files("paralab.resources.presets") / f"{name}.toml"
-    if not file.is_file():
-        raise ConfigError(f"there is no preset {name!r}; presets: {', '.join(names())}")
     return RunConfig.loads(file.read_text(encoding="utf-8"), source=f"preset {name}")

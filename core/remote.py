@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import hmac
 import os
 import queue
 import secrets
@@ -38,13 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from multiprocessing.connection import (
-    AuthenticationError,
-    Client,
-    Listener,
-    answer_challenge,
-    deliver_challenge,
-)
+from multiprocessing.connection import AuthenticationError, Client, Listener
 from typing import Any
 
 from .config import ConfigError, RunConfig
@@ -52,6 +48,44 @@ from .devices import Device, parse_spec, resolve
 
 CONNECT_RETRY_S = 120.0
 """How long a rank keeps trying to reach a controller that is not listening yet."""
+HANDSHAKE_S = 5.0
+"""A connection that has not proved it knows the key within this long is closed."""
+MAX_UNAUTHENTICATED = 32
+"""Connections still in their handshake at once; more are closed at once (a flood of idle
+sockets cannot hold the real ranks out for longer than one handshake deadline)."""
+_CHALLENGE = 32
+
+
+def _digest(key: bytes, role: bytes, challenge: bytes) -> bytes:
+    return hmac.new(key, role + challenge, hashlib.sha256).digest()
+
+
+def _expect(conn: Any, deadline: float, maxlength: int) -> bytes:
+    if not conn.poll(max(0.0, deadline - time.monotonic())):
+        raise AuthenticationError("no answer in time")
+    return conn.recv_bytes(maxlength)
+
+
+def prove(conn: Any, key: bytes, deadline: float, server: bool) -> None:
+    """Mutual HMAC-SHA256 challenge-response: each side proves it knows the key without
+    sending it.  Raises AuthenticationError (or EOFError, OSError) when the other side fails."""
+    mine = secrets.token_bytes(_CHALLENGE)
+    if server:
+        conn.send_bytes(mine)
+        if not hmac.compare_digest(_expect(conn, deadline, 64), _digest(key, b"rank", mine)):
+            conn.send_bytes(b"refused")
+            raise AuthenticationError("wrong key")
+        theirs = _expect(conn, deadline, 64)
+        conn.send_bytes(_digest(key, b"controller", theirs))
+    else:
+        theirs = _expect(conn, deadline, 64)
+        conn.send_bytes(_digest(key, b"rank", theirs))
+        conn.send_bytes(mine)
+        answer = _expect(conn, deadline, 64)
+        if answer == b"refused":
+            raise AuthenticationError("the controller refused the key (is PARALAB_AUTHKEY the one it printed?)")
+        if not hmac.compare_digest(answer, _digest(key, b"controller", mine)):
+            raise AuthenticationError("the controller does not know the key")
 
 
 @dataclass
@@ -165,6 +199,13 @@ class RankListener:
         self._key = key.encode()
         self._arrived: queue.SimpleQueue[tuple[Any, Hello]] = queue.SimpleQueue()
         self._closed = threading.Event()
+        self._pending = threading.BoundedSemaphore(MAX_UNAUTHENTICATED)
+        self.turned_away = 0
+        """Connections closed before they proved the key: wrong key, too slow, too many at once."""
+        self.last_turned_away = ""
+        self.on_turned_away: Callable[[str], None] | None = None
+        """Called (at most every 10 s) with a sentence when a connection fails the handshake."""
+        self._reported_at = -1e9
         threading.Thread(target=self._accept, daemon=True, name="paralab-listener").start()
 
     def _accept(self) -> None:
@@ -177,20 +218,41 @@ class RankListener:
             if self._closed.is_set():
                 conn.close()
                 return
+            if not self._pending.acquire(blocking=False):
+                self._turn_away(conn, f"more than {MAX_UNAUTHENTICATED} connections were in their handshake")
+                continue
             threading.Thread(target=self._handshake, args=(conn,), daemon=True).start()
+
+    def _turn_away(self, conn: Any, why: str) -> None:
+        self.turned_away += 1
+        self.last_turned_away = why
+        now = time.monotonic()
+        if self.on_turned_away is not None and now - self._reported_at > 10.0:
+            self._reported_at = now
+            with contextlib.suppress(Exception):
+                self.on_turned_away(f"a connection failed the handshake ({why}); "
+                                    f"{self.turned_away} so far")
+        with contextlib.suppress(OSError):
+            conn.close()
 
     def _handshake(self, conn: Any) -> None:
         try:
-            deliver_challenge(conn, self._key)
-            answer_challenge(conn, self._key)
-            hello = conn.recv()
-        except Exception:  # a wrong key, a port scanner, a peer that went away
-            conn.close()
-            return
+            deadline = time.monotonic() + HANDSHAKE_S
+            try:
+                prove(conn, self._key, deadline, server=True)
+                # Only an authenticated peer gets to send a pickle.
+                if not conn.poll(max(0.0, deadline - time.monotonic())):
+                    raise AuthenticationError("no hello in time")
+                hello = conn.recv()
+            except Exception as e:  # a wrong key, a port scanner, a peer that went away or said nothing
+                self._turn_away(conn, str(e) or type(e).__name__)
+                return
+        finally:
+            self._pending.release()
         if isinstance(hello, Hello):
             self._arrived.put((conn, hello))
         else:
-            conn.close()
+            self._turn_away(conn, "its first message was not a rank's hello")
 
     def gather(self, ranks: int, stop: Callable[[], bool], timeout_s: float | None = None) -> list[tuple[Any, Hello]]:
         """(connection, hello) of ranks 0..ranks-1, or Aborted (stopped, timed out, a rank
@@ -202,7 +264,8 @@ class RankListener:
                 if stop():
                     raise Aborted("stopped", f"stopped while waiting for ranks ({len(got)} of {ranks} connected)")
                 if deadline is not None and time.monotonic() > deadline:
-                    raise Aborted("error", f"only {len(got)} of {ranks} ranks connected within {timeout_s:g} s")
+                    raise Aborted("error", f"only {len(got)} of {ranks} ranks connected within {timeout_s:g} s"
+                                  + self.turned_away_note())
                 try:
                     conn, hello = self._arrived.get(timeout=0.1)
                 except queue.Empty:
@@ -218,6 +281,12 @@ class RankListener:
         finally:
             self.close()
         return [got[r] for r in sorted(got)]
+
+    def turned_away_note(self) -> str:
+        if not self.turned_away:
+            return ""
+        return (f"; {self.turned_away} connection{'s' if self.turned_away != 1 else ''} failed the handshake "
+                f"(last: {self.last_turned_away})")
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -322,7 +391,7 @@ def remote_main(argv: list[str] | None = None) -> int:
         return _fail(f"rank {rank}: set PARALAB_AUTHKEY to the key the controller printed")
     try:
         conn = _connect(parse_address(args.controller), key.encode(), rank)
-    except (ConfigError, OSError, AuthenticationError) as e:
+    except (ConfigError, OSError, EOFError, AuthenticationError) as e:
         return _fail(f"rank {rank}: cannot reach the controller at {args.controller}: {e}")
     name, total = _gpu(local_rank)
     conn.send(Hello(rank, world, local_rank, local_world, socket.gethostname(), os.getpid(), name, total))
@@ -346,11 +415,24 @@ def _connect(address: tuple[str, int], key: bytes, rank: int) -> Any:
     deadline = time.monotonic() + CONNECT_RETRY_S
     while True:
         try:
-            return Client(address, authkey=key)
+            conn = Client(address)
         except (TimeoutError, ConnectionRefusedError):
             if time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
+            continue
+        try:
+            prove(conn, key, time.monotonic() + HANDSHAKE_S, server=False)
+            return conn
+        except AuthenticationError as e:
+            conn.close()
+            if "refused" in str(e) or "does not know" in str(e) or time.monotonic() > deadline:
+                raise
+        except (EOFError, OSError):  # turned away (a crowd of connections): try again
+            conn.close()
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(1.0)
 
 
 def _gpu(local_rank: int) -> tuple[str, int]:

@@ -27,7 +27,8 @@ from typing import Any
 from . import preflight, remote, worker
 from .config import ConfigError, RunConfig
 from .devices import Device, parse_spec, resolve
-from .events import Event, EventWriter, RunEnded, RunStarted, StepDone
+from .events import Event, RunEnded, RunStarted, StepDone
+from .eventsfile import EventsFile, any_problem
 from .parallel import STRATEGIES, world_size
 from .telemetry import Sampler
 
@@ -35,12 +36,15 @@ STATUS_RANK = {"ok": 0, "stopped": 1, "error": 2, "oom": 3}
 STOP_GRACE_S = 4.0
 SETUP_TIMEOUT_S = 120.0
 FAILURE_GRACE_S = 1.0
+SILENT_S = 3.0
+"""A rank that sent nothing (not even its 1 s heartbeat) for this long is stopped or frozen."""
 
 
 # What the forkserver imports once, so a rank starts in a fork, not in seconds of imports:
 # torch, every strategy, and what DDP/FSDP/pipelining import lazily on first use
 # (DDP's constructor alone pulls in ~800 modules: dynamo, inductor, sympy).
 PRELOAD = [
+    "paralab.core.lifeline",  # first: the forkserver ends when its parent does
     "torch",
     "torch.distributed._functional_collectives",
     "torch.distributed.algorithms._optimizer_overlap",
@@ -80,6 +84,8 @@ class Run:
         """listen='HOST:PORT': do not start ranks, wait for `ranks` that torchrun starts (core.remote)."""
         problems = (remote.problems(config, ranks) if listen is not None
                     else config.validate(resolve_devices=devices is None))
+        if metrics and (problem := any_problem(metrics)):
+            problems = [*problems, problem]
         if problems:
             raise ConfigError("; ".join(problems))
         self.config = config
@@ -87,8 +93,13 @@ class Run:
             sim = parse_spec(config.devices).kind == "sim"
             devices = resolve(config.devices, config.sim.memory, gpus=[]) if sim else []
         self.devices = devices if devices is not None else resolve(config.devices, config.sim.memory)
-        if listen is None and (refused := preflight.cannot_hold(config, self.devices)):
-            raise ConfigError(refused)  # before any rank builds what cannot fit
+        if listen is None:  # a run, not an estimate: will it fit in this machine, and its devices?
+            from . import hostmem
+
+            sim = all(d.kind == "sim" for d in self.devices)
+            if refused := (hostmem.problem(config, len(self.devices), sim)
+                           or preflight.cannot_hold(config, self.devices)):
+                raise ConfigError(refused)  # before any rank builds what cannot fit
         self.metrics = Path(metrics) if metrics else None
         self.world = ranks if listen is not None else world_size(config.mode, len(self.devices))
         self._ctx = context()
@@ -103,6 +114,8 @@ class Run:
         self.remote_ranks: list[remote.Hello] = []
         """Listen mode: the torchrun ranks, by rank, once they have all said hello."""
         self.connect_timeout_s = connect_timeout_s
+        self.events_problem = ""
+        """Why the events file misses lines (a failed write, deleted mid-run); '' when it has them all."""
         if listen is not None:
             self.authkey, self.authkey_generated = remote.authkey()
             self.listener = remote.RankListener(listen, self.authkey)
@@ -143,21 +156,29 @@ class Run:
     # ---- the run -------------------------------------------------------------------------------
 
     def events(self) -> Iterator[Event]:
-        writer = EventWriter(self.metrics) if self.metrics else None
+        writer = EventsFile(self.metrics) if self.metrics else None
         t0 = perf_counter()
         supervisor = self._supervisor = _Supervisor(self, t0)
         sampler: Sampler | None = None
+
+        def write(events: list[Event]) -> None:
+            # A failed write (disk full, file deleted) ends the run, never the teardown.
+            if writer is None or not events:
+                return
+            writer.write(events)
+            if writer.problem and self.ended is None and supervisor.write_failed is None:
+                supervisor.write_failed = writer.problem
+                self.stop()
+
         try:
             if self.listener is not None:  # the ranks first: their GPUs are the run's devices
                 self.ended = supervisor.gather()
                 t0 = supervisor.t0 = perf_counter()  # times count from when the ranks are all here
             start = self._started()
-            if writer:
-                writer.write([start])
+            write([start])
             yield start
             if self.ended is not None:  # stopped or refused before every rank came
-                if writer:
-                    writer.write([self.ended])
+                write([self.ended])
                 yield self.ended
                 return
             supervisor.launch()
@@ -165,21 +186,22 @@ class Run:
             sampler.start()
             while self.ended is None:
                 batch = sampler.merge(supervisor.poll())
-                if writer and batch:
-                    writer.write(batch)
+                write(batch)
                 yield from batch
         finally:
-            if self.ended is None:  # closed early (Ctrl-C twice, the consumer went away)
-                self.ended = RunEnded("stopped", "the run was interrupted", None, perf_counter() - t0,
-                                      supervisor.steps_done)
+            try:
+                if self.ended is None:  # closed early (Ctrl-C twice, the consumer went away)
+                    self.ended = RunEnded("stopped", "the run was interrupted", None, perf_counter() - t0,
+                                          supervisor.steps_done)
+                    write([self.ended])
+            finally:
+                if sampler is not None:
+                    sampler.stop()
+                supervisor.teardown()
                 if writer:
-                    writer.write([self.ended])
-            if sampler is not None:
-                sampler.stop()
-            supervisor.teardown()
-            if writer:
-                writer.close()
-
+                    writer.close()
+                    if writer.problem and self.events_problem == "":
+                        self.events_problem = writer.problem
     def _started(self) -> RunStarted:
         from .models import build_model, count_params
 
@@ -206,6 +228,22 @@ class Run:
         return [d for d in self.devices if d.kind == "sim" or hosts.get(d.index, here) == here]
 
 
+def _dead_forkserver() -> int | None:
+    """The pid of multiprocessing's forkserver when it has died (it is our child: a zombie
+    until reaped), else None."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if not pid:
+        return None
+    try:
+        import psutil
+
+        return pid if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE else None
+    except Exception:  # noqa: BLE001 -- gone altogether (reaped): dead
+        return pid
+
+
 class _Supervisor:
     """Starts the ranks, reads their pipes, turns batches into events, decides the end."""
 
@@ -219,10 +257,13 @@ class _Supervisor:
         self.training: set[int] = set()
         self.where: dict[int, str] = {}
         """rank -> where its main thread is, from its heartbeat"""
+        self.heard: dict[int, float] = {}
+        """rank -> when it last sent anything (heartbeats come every second, even mid-collective)"""
         self.failure_at: float | None = None
         self.stop_at: float | None = None
         self.steps_done = 0
         self.store: Any = None
+        self._store_socket: socket.socket | None = None
         strategy = STRATEGIES[run.config.mode]
         self.loss_ranks = {run.world - 1} if strategy.loss_from_last_rank else set(range(run.world))
         self._pending: dict[int, list[tuple[float, float, float]]] = {}
@@ -232,6 +273,8 @@ class _Supervisor:
         self.remote: list[tuple[Any, remote.Hello]] = []
         """Listen mode: (connection, hello) of each torchrun rank, by rank."""
         self._sent_controls: tuple[float, ...] | None = None
+        self.write_failed: str | None = None
+        """Why the events file could not be written: the run ends `error` with it."""
 
     def gather(self) -> RunEnded | None:
         """Listen mode: wait for the torchrun ranks; a RunEnded when they cannot train."""
@@ -282,8 +325,11 @@ class _Supervisor:
 
             import torch.distributed as dist
 
-            self.store = dist.TCPStore("127.0.0.1", 0, run.world + 1, is_master=True,
-                                       timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+            # Bound to loopback by us: given "127.0.0.1" alone, the store listens on every interface.
+            self._store_socket = worker.loopback_socket()
+            self.store = dist.TCPStore("127.0.0.1", self._store_socket.getsockname()[1], run.world + 1,
+                                       is_master=True, timeout=datetime.timedelta(seconds=60),
+                                       wait_for_workers=False, master_listen_fd=self._store_socket.fileno())
             gpus = {d.gpu for d in run.devices if d.kind == "cuda"}
             backend = "nccl" if len(gpus) == run.world else "gloo"
         for rank in range(run.world):
@@ -325,6 +371,7 @@ class _Supervisor:
             if msg.status in ("oom", "error"):
                 self.failure_at = self.failure_at or perf_counter()
             return
+        self.heard[msg.rank] = perf_counter()
         step, _ = self.progress[msg.rank]
         if msg.progress > step or (msg.started is not None and msg.rank not in self.training):
             self.progress[msg.rank] = (msg.progress, perf_counter())
@@ -368,6 +415,9 @@ class _Supervisor:
             code = p.exitcode
             how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
                    else f"exited with code {code}" if code is not None else "stopped answering")
+            if code == 255 and (server := _dead_forkserver()):  # 255: the forkserver could not say
+                how = (f"ended because the forkserver that starts the ranks (pid {server}) died; "
+                       "it is started afresh for the next run")
         device = self._device_of(rank)
         return worker.RankDone(rank, "error", f"rank {rank} ({self.run.devices[device].label}) {how}", device)
 
@@ -388,7 +438,8 @@ class _Supervisor:
 
     def _check_hangs(self, now: float) -> None:
         """A rank that finishes no step for the hang timeout (setup gets more time) hangs.
-        Ranks blocked in a collective stall too; the one to blame is a stalled rank
+        Ranks blocked in a collective stall too, but their heartbeats go on: the one to
+        blame is the rank that went silent longest (stopped, frozen), else a stalled rank
         whose main thread is outside torch (sleeping, looping), else the lowest rank."""
         run = self.run
         if run.paused:
@@ -404,20 +455,28 @@ class _Supervisor:
         # different moments, so the one to blame may not be overdue itself yet.
         last = max(self.progress[r][0] for r in overdue)
         suspects = sorted(r for r in alive if self.progress[r][0] <= last)
-        culprit = next((r for r in suspects if "/torch/" not in self.where.get(r, "/torch/")),
-                       min(suspects, key=lambda r: (self.progress[r][0], r)))
+        silence = {r: now - self.heard.get(r, self.progress[r][1]) for r in alive}
+        silent = [r for r in alive if silence[r] > SILENT_S]
+        culprit = (max(silent, key=lambda r: (silence[r], -r)) if silent else
+                   next((r for r in suspects if "/torch/" not in self.where.get(r, "/torch/")),
+                        min(suspects, key=lambda r: (self.progress[r][0], r))))
         step = self.progress[culprit][0]
         device = self._device_of(culprit)
         where = self.where.get(culprit, "").split(" @ ")[0]
+        how = (f" (silent for {silence[culprit]:.0f} s: stopped or frozen)" if culprit in silent
+               else f" (stuck in {where})" if where else "")
         self.done[culprit] = worker.RankDone(
             culprit, "error", f"rank {culprit} ({run.devices[device].label}) hangs: no step finished for "
-            f"{timeout:g} s after step {step}" + (f" (stuck in {where})" if where else ""), device)
+            f"{timeout:g} s after step {step}" + how, device)
         self.failure_at = now
 
     def _verdict(self, now: float) -> RunEnded:
         done = sorted(self.done.values(), key=lambda d: -STATUS_RANK[d.status])
         worst = done[0] if done else None
         t = now - self.t0
+        if self.write_failed is not None:
+            return RunEnded("error", f"{self.write_failed}; every rank was stopped after step {self.steps_done}",
+                            None, t, self.steps_done)
         if worst is None or (self.stop_at is not None and (worst.status in ("ok", "stopped"))):
             return RunEnded("stopped", f"stopped by request after step {self.steps_done}", None, t, self.steps_done)
         if worst.status in ("oom", "error"):
@@ -457,3 +516,7 @@ class _Supervisor:
                 reader.close()
         self.readers.clear()
         self.store = None
+        if self._store_socket is not None:
+            with contextlib.suppress(OSError):
+                self._store_socket.close()
+            self._store_socket = None

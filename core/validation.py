@@ -6,7 +6,7 @@ batch × layers) is checked here once, so no strategy has to.
 
 from __future__ import annotations
 
-from .config import DATASETS, MODELS, MODES, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig
+from .config import DATASETS, MODELS, MODES, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig, shown
 from .data import data_kind
 from .models import num_layers
 
@@ -16,6 +16,13 @@ LAYER_SPLITTING = ("model-parallel", "pipeline")
 # On one shared GPU the ranks talk through gloo, which runs only all-reduce and broadcast
 # on CUDA tensors: DDP and tensor parallel need no more; these need what it lacks.
 GLOO_CUDA_UNSUPPORTED = ("pipeline", "fsdp")
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 10**12
+MAX_SIZE = 10**12
+"""Sizes past this are typos (the host-memory check catches what is merely too large)."""
+MAX_INTERVAL_S = 3600.0
+MAX_HANG_TIMEOUT_S = 86400.0
+MAX_TEXT = 10_000
 
 
 def problems(cfg: RunConfig, *, resolve_devices: bool = True) -> list[str]:
@@ -26,11 +33,11 @@ def problems(cfg: RunConfig, *, resolve_devices: bool = True) -> list[str]:
         if not condition:
             out.append(sentence)
 
-    need(cfg.mode in MODES, f"mode {cfg.mode!r} is not one of: {', '.join(MODES)}")
-    need(m.kind in MODELS, f"model {m.kind!r} is not one of: {', '.join(MODELS)}")
-    need(cfg.data.kind in DATASETS, f"data {cfg.data.kind!r} is not one of: {', '.join(DATASETS)}")
-    need(t.optimizer in OPTIMIZERS, f"optimizer {t.optimizer!r} is not one of: {', '.join(OPTIMIZERS)}")
-    need(t.schedule in SCHEDULES, f"schedule {t.schedule!r} is not one of: {', '.join(SCHEDULES)}")
+    need(cfg.mode in MODES, f"mode {shown(cfg.mode)} is not one of: {', '.join(MODES)}")
+    need(m.kind in MODELS, f"model {shown(m.kind)} is not one of: {', '.join(MODELS)}")
+    need(cfg.data.kind in DATASETS, f"data {shown(cfg.data.kind)} is not one of: {', '.join(DATASETS)}")
+    need(t.optimizer in OPTIMIZERS, f"optimizer {shown(t.optimizer)} is not one of: {', '.join(OPTIMIZERS)}")
+    need(t.schedule in SCHEDULES, f"schedule {shown(t.schedule)} is not one of: {', '.join(SCHEDULES)}")
     need(t.steps >= 1, f"train.steps must be at least 1, not {t.steps}")
     need(t.batch_size >= 1, f"train.batch_size must be at least 1, not {t.batch_size}")
     need(t.lr > 0, f"train.lr must be above 0, not {t.lr}")
@@ -44,10 +51,20 @@ def problems(cfg: RunConfig, *, resolve_devices: bool = True) -> list[str]:
         known = gpu_models()
         need(cfg.sim.gpu in known, f"sim.gpu {cfg.sim.gpu[:40]!r} is not a GPU model paralab knows; "
              f"use one of {', '.join(sorted(known))} or 'host' (the CPU's own time)")
-    need(cfg.telemetry.interval_s >= 0.01, "telemetry.interval_s must be at least 0.01 s")
-    need(cfg.telemetry.hang_timeout_s >= 1, "telemetry.hang_timeout_s must be at least 1 s")
+    need(0.01 <= cfg.telemetry.interval_s <= MAX_INTERVAL_S,
+         f"telemetry.interval_s must be from 0.01 to {MAX_INTERVAL_S:g} s, not {cfg.telemetry.interval_s:g}")
+    need(1 <= cfg.telemetry.hang_timeout_s <= MAX_HANG_TIMEOUT_S,
+         f"telemetry.hang_timeout_s must be from 1 to {MAX_HANG_TIMEOUT_S:g} s (a day), "
+         f"not {cfg.telemetry.hang_timeout_s:g}")
+    need(0 <= cfg.seed <= MAX_SEED, f"seed must be from 0 to 2**63-1 (torch's range), not {shown(cfg.seed)}")
+    need(t.steps <= MAX_STEPS and t.log_every <= MAX_STEPS and t.micro_batches <= MAX_STEPS,
+         f"train.steps, train.log_every and train.micro_batches must be at most {MAX_STEPS:g}")
+    need(len(cfg.name) <= MAX_TEXT and len(cfg.description) <= MAX_TEXT,
+         f"name and description must be at most {MAX_TEXT} characters")
     need(cfg.data.samples >= 0, f"data.samples must be 0 (the default) or more, not {cfg.data.samples}")
-    need(cfg.data.noise >= 0, f"data.noise must be 0 or more, not {cfg.data.noise}")
+    need(0 <= cfg.data.noise <= 1e6, f"data.noise must be from 0 to 1e6, not {cfg.data.noise:g}")
+    need(max(cfg.data.samples, m.in_features, m.out_features, m.vocab, m.seq_len, m.heads, t.batch_size)
+         <= MAX_SIZE, f"data.samples, train.batch_size and the model's sizes must be at most {MAX_SIZE:.0e}")
     if m.kind in ("mlp", "transformer"):
         need(m.width >= 1, f"model.width must be at least 1, not {m.width}")
         need(m.depth >= 1, f"model.depth must be at least 1, not {m.depth}")
@@ -62,7 +79,7 @@ def problems(cfg: RunConfig, *, resolve_devices: bool = True) -> list[str]:
         kind = data_kind(cfg.data, m)
         tokens_model = m.kind == "transformer"
         need((kind == "tokens") == tokens_model,
-             f"data {kind!r} does not fit model {m.kind!r}; use data.kind=auto")
+             f"data {shown(kind)} does not fit model {shown(m.kind)}; use data.kind=auto")
     if out:
         return out  # the layout checks below assume sane basics
 
@@ -104,7 +121,7 @@ def layout_problems(cfg: RunConfig, n: int) -> list[str]:
                    + ("send/receive" if mode == "pipeline" else "all-gather/reduce-scatter")
                    + "; use distinct GPUs (cuda:0,1) or simulated devices (sim:N)")
     if mode == "single" and n != 1:
-        out.append(f"mode single runs on one device, but devices {cfg.devices!r} names {n}; use sim:1 or cuda:0")
+        out.append(f"mode single runs on one device, but devices {shown(cfg.devices)} names {n}; use sim:1 or cuda:0")
     if mode in BATCH_SPLITTING and t.batch_size % n:
         out.append(f"batch size {t.batch_size} does not split over {n} devices; use a multiple of {n}")
     if mode == "data-parallel" and t.batch_size < n:

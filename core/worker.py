@@ -530,10 +530,43 @@ def _init_distributed(job: RankJob, hang_timeout_s: float) -> Any:
         dist.init_process_group(job.backend, init_method="env://", rank=job.rank, world_size=job.world,
                                 timeout=timeout)
         return dist.group.WORLD
+    _loopback_only()
     store = dist.TCPStore(job.store_host, job.store_port, job.world, is_master=False,
                           timeout=datetime.timedelta(seconds=60))
     dist.init_process_group(job.backend, store=store, rank=job.rank, world_size=job.world, timeout=timeout)
     return dist.group.WORLD
+
+
+def loopback_socket() -> Any:
+    """A TCP socket listening on 127.0.0.1 only, on a free port (for the local run's store)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+def _loopback_only() -> None:
+    """A local run talks over loopback only: gloo's and NCCL's sockets would otherwise
+    listen on the address the host name resolves to, reachable from the network."""
+    name = _loopback_interface()
+    if name:
+        os.environ["GLOO_SOCKET_IFNAME"] = name
+        os.environ["NCCL_SOCKET_IFNAME"] = name
+
+
+def _loopback_interface() -> str:
+    with contextlib.suppress(Exception):
+        import socket
+
+        import psutil
+
+        for name, addrs in psutil.net_if_addrs().items():
+            if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in addrs):
+                return name
+    return "lo"
 
 
 def _shutdown_distributed() -> None:

@@ -50,6 +50,7 @@ from ..core.config import (
     get_value,
     human_bytes,
     set_value,
+    shown,
 )
 from ..core.models import layer_names, split_layers
 from .prediction import PredictionProcess
@@ -177,6 +178,14 @@ class ConfigPanel(QWidget):
     def set_locked(self, locked: bool) -> None:
         """Lock the form while a run goes (its settings are the run's); the text stays readable."""
         self.form.setEnabled(not locked)
+
+    def beyond_the_form(self, cfg: RunConfig) -> str:
+        """A sentence when a value of cfg is outside what the form's fields can hold, else ''."""
+        for key, box in self._spins.items():
+            value = get_value(cfg, key)
+            if not box.minimum() <= value <= box.maximum():
+                return f"{key} {shown(value)} is outside {box.minimum()}..{box.maximum()}"
+        return ""
 
     def set_config(self, cfg: RunConfig) -> None:
         """Show cfg in the form (presets, files, the remembered config)."""

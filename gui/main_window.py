@@ -425,7 +425,11 @@ class MainWindow(QMainWindow):
 
     def open_config(self, path: str | Path) -> bool:
         try:
-            self.panel.set_config(RunConfig.load(path))
+            cfg = RunConfig.load(path)
+            beyond = self.panel.beyond_the_form(cfg)
+            if beyond:
+                raise ConfigError(beyond)
+            self.panel.set_config(cfg)
             return True
         except ConfigError as e:
             self.banner.show_message(f"Bad config: {e}")

@@ -9,15 +9,16 @@ a child process forked from the ranks' forkserver (torch already imported), and
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from ..core import lifeline
 from ..core.config import RunConfig
 from ..core.run import context as run_context
-from ..core.worker import name_process
 
 
 class Cancelled(Exception):
@@ -54,8 +55,9 @@ class PredictionProcess:
             if self._closed:
                 raise Cancelled()
             if self._pool is None:
+                # lifeline.helper names the worker and ends it should the app die (SIGKILL)
                 self._pool = ProcessPoolExecutor(max_workers=1, mp_context=run_context(),
-                                                 initializer=name_process, initargs=("paralab-predict",))
+                                                 initializer=lifeline.helper, initargs=("paralab-predict", os.getpid()))
             pool = self._pool
             self._busy, self._cancelled = True, False
             try:
