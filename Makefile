@@ -3,22 +3,27 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
-# Pinned so that a machine without a GPU gets the CPU build it holds (an unpinned torch
-# pulls several GB of CUDA packages). On a GPU workstation this same pin is the CUDA build.
+# Pinned. Where pip finds a CPU build of this version (a local index, or
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu) that is what comes; from PyPI on Linux
+# it is the CUDA build: several GB of torch + nvidia-* wheels, which also runs on the CPU.
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: app test setup clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --upgrade pip
-	$(VENV)/bin/python -m pip install "$(TORCH)"
+	$(VENV)/bin/python -m pip install "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VENV)/bin/python -m pip install -e '.[test]'
 	touch $@
 
 setup: $(VENV)/.installed
 
+# The system libraries Qt's X11 platform needs are checked first: if any is missing this
+# prints the one apt-get line that installs them, instead of Qt's misleading abort.
 app: setup
+	$(VENV)/bin/python -m paralab.gui.syscheck
 	$(VENV)/bin/paralab
 
 test: setup

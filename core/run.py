@@ -143,12 +143,21 @@ class Run:
     def pids(self) -> list[int]:
         return [p.pid for p in self._processes if p.pid is not None]
 
+    def progress(self) -> dict[str, int] | None:
+        """Before the first step, for a person waiting: ranks launched, heard from (their
+        heartbeat), and training (model built); None before the ranks are launched."""
+        sup = getattr(self, "_supervisor", None)
+        if sup is None or not sup.progress:
+            return None
+        return {"world": self.world, "launched": len(sup.progress),
+                "heard": len(set(sup.where) | sup.training), "training": len(sup.training)}
+
     # ---- the run -------------------------------------------------------------------------------
 
     def events(self) -> Iterator[Event]:
         writer = EventsFile(self.metrics) if self.metrics else None
         t0 = perf_counter()
-        supervisor = _Supervisor(self, t0)
+        supervisor = self._supervisor = _Supervisor(self, t0)
         sampler: Sampler | None = None
 
         def write(events: list[Event]) -> None:

@@ -20,6 +20,12 @@ from .main_window import MainWindow
 
 
 def main(cfg: RunConfig | None = None, start: bool = False) -> int:
+    from .syscheck import report
+
+    problem = report()  # Qt's own message for a missing X11 library names the wrong one
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
     # Ranks fork from a forkserver that imports torch once; start it while the window opens,
     # so Start is a fork away (benchmarks/startup.py).
     prewarm()

@@ -34,7 +34,10 @@ from ..core.events import (
 )
 
 MIB = float(2**20)
+RATE_SMOOTHING = 0.1
+"""Weight of the newest step in the smoothed step time (about the last 20 steps count)."""
 PHASE_INDEX = {p: i for i, p in enumerate(PHASES)}
+END_LABELS = {"ok": "finished", "stopped": "stopped", "oom": "out of memory", "error": "rank failed"}
 
 
 class Ring:
@@ -174,8 +177,15 @@ class RunData:
     def __init__(self, step_capacity: int = 100_000, memory_capacity: int = 32_768,
                  util_capacity: int = 32_768, span_capacity: int = 4_096) -> None:
         self._caps = (memory_capacity, util_capacity, span_capacity)
-        self.steps = Compacting(step_capacity, 5)
-        """step, time_s, loss, samples_per_s, lr."""
+        self.steps = Compacting(step_capacity, 6)
+        """step, time_s, loss, samples_per_s, lr, smoothed samples_per_s."""
+        self.marks: list[tuple[int, float, str, str]] = []
+        """(step, time_s, kind, label): paused, learning rate changed, ended (plot markers)."""
+        self._step_time = 0.0  # smoothed seconds per sample (the rate's inverse), bias-corrected below
+        self._step_weight = 0.0
+        self._inverse_sum = 0.0  # sum of 1/rate over every step: the run's average rate
+        self._rate_steps = 0
+        self._last_lr: float | None = None
         self.devices: list[DeviceSeries] = []
         self.start: RunStarted | None = None
         self.clock = "host"
@@ -215,6 +225,10 @@ class RunData:
         self.loss_finite = True
         self.ignored = 0
         self.steps.clear()
+        self.marks = []
+        self._step_time = self._step_weight = self._inverse_sum = 0.0
+        self._rate_steps = 0
+        self._last_lr = None
         infos = start.devices if start else []
         if len(infos) == len(self.devices) and all(
                 d.capacity_bytes == int(i.get("capacity_bytes", 0)) for d, i in zip(self.devices, infos)):
@@ -242,7 +256,11 @@ class RunData:
         for e in events:
             if isinstance(e, StepDone):
                 # Plots share the host's time axis; the rate is in the run's clock.
-                steps.append((e.step, e.time_s if e.host_s is None else e.host_s, e.loss, e.samples_per_s, e.lr))
+                t = e.time_s if e.host_s is None else e.host_s
+                if self._last_lr is not None and e.lr != self._last_lr:
+                    self.marks.append((e.step, t, "lr", f"lr {e.lr:g}"))
+                self._last_lr = e.lr
+                steps.append((e.step, t, e.loss, e.samples_per_s, e.lr, self._smooth(e.samples_per_s)))
                 self.last_step = e
             elif isinstance(e, MemorySample):
                 changed["memory"] |= self._memory(e)
@@ -253,6 +271,8 @@ class RunData:
             elif isinstance(e, RunEnded):
                 self.end = e
                 changed["end"] = True
+                if self.last_step is not None or e.status in ("oom", "error"):
+                    self.mark(e.status, END_LABELS.get(e.status, e.status))
             elif isinstance(e, RunStarted):
                 if steps:
                     self._steps(steps)
@@ -263,6 +283,35 @@ class RunData:
             changed["steps"] = True
         if any(changed.values()):
             self._bump(**changed)
+
+    def mark(self, kind: str, label: str) -> None:
+        """A marker at the last step (pause, lr, ended), drawn on the step and time plots."""
+        last = self.last_step
+        step = last.step if last else 0
+        t = (last.time_s if last.host_s is None else last.host_s) if last else 0.0
+        self.marks.append((step, t, kind, label))
+        self._bump(steps=True)
+
+    def _smooth(self, rate: float) -> float:
+        """The rate from an exponentially smoothed time per sample: a slow step weighs
+        as much as it took, and one fast or slow step does not swing the figure."""
+        if not rate > 0 or not np.isfinite(rate):
+            return float("nan") if self._step_weight == 0 else 1.0 / (self._step_time / self._step_weight)
+        inverse = 1.0 / rate
+        self._inverse_sum += inverse
+        self._rate_steps += 1
+        self._step_time = (1 - RATE_SMOOTHING) * self._step_time + RATE_SMOOTHING * inverse
+        self._step_weight = (1 - RATE_SMOOTHING) * self._step_weight + RATE_SMOOTHING
+        return self._step_weight / self._step_time
+
+    @property
+    def smoothed_rate(self) -> float | None:
+        return self._step_weight / self._step_time if self._step_time > 0 else None
+
+    @property
+    def average_rate(self) -> float | None:
+        """The run's samples/s: all its samples over all its steps' time (pauses excluded)."""
+        return self._rate_steps / self._inverse_sum if self._inverse_sum > 0 else None
 
     def _steps(self, rows: list[tuple]) -> None:
         arr = np.array(rows, dtype=np.float64)

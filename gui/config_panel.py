@@ -9,14 +9,15 @@ have been still for a moment.
 
 from __future__ import annotations
 
-import os
+import re
 import threading
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import time
 from typing import Any
 
-from PySide6.QtCore import QObject, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from PySide6.QtWidgets import (
+    QAbstractSpinBox,
+    QApplication,
     QButtonGroup,
     QCheckBox,
     QComboBox,
@@ -37,7 +38,6 @@ from PySide6.QtWidgets import (
 )
 
 from ..core import devices as core_devices
-from ..core import lifeline
 from ..core.config import (
     DATASETS,
     MODELS,
@@ -53,7 +53,7 @@ from ..core.config import (
     shown,
 )
 from ..core.models import layer_names, split_layers
-from ..core.run import context as run_context
+from .prediction import PredictionProcess
 
 # Two lines per mode: what it does, then what to watch while it runs.
 MODE_NOTES = {
@@ -80,47 +80,51 @@ MODE_NOTES = {
 }
 
 LAYER_MODES = ("model-parallel", "pipeline")
+# The form's own words for the config keys its fields set: a problem names what a person
+# sees ("Capacity each"), not the dotted key a file or --set would use ("sim.memory").
+FIELD_LABELS = {
+    "mode": "Parallelism", "devices": "Devices", "sim.memory": "Capacity each", "model.kind": "Model",
+    "model.width": "Width", "model.depth": "Depth", "model.heads": "Heads", "model.seq_len": "Sequence length",
+    "model.vocab": "Vocabulary", "data.kind": "Data", "train.batch_size": "Batch size",
+    "train.micro_batches": "Micro-batches", "train.schedule": "Schedule", "train.optimizer": "Optimizer",
+    "train.lr": "Learning rate", "train.steps": "Steps", "seed": "Seed",
+    "placement.split": "Which device holds which layers",
+    "placement.reshard_after_forward": "Reshard after forward",
+}
+# Only dotted keys: "mode", "seed" and "devices" are also plain words of the sentences.
+_KEY = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(FIELD_LABELS, key=len, reverse=True)
+                                           if "." in k)
+                  + r")(?![\w.])")
+
+
+def in_form_words(problem: str) -> str:
+    """A problem sentence with each config key the form shows replaced by its label."""
+    return _KEY.sub(lambda m: f"“{FIELD_LABELS[m.group(1)]}”", problem)
 ESTIMATE_DELAY_MS = 400
+SLOW_PREDICTION_S = 2  # past this, "Predicting…" says for how long so far
 
 
 class _EstimateSignals(QObject):
     done = Signal(int, object, str)  # generation, Estimate or None, error sentence
 
 
-class _EstimateProcess:
-    """Predictions run in a child process (forked from the ranks' forkserver, torch
-    already loaded): tracing a large model holds the interpreter lock for seconds, which
-    in a thread of this process would stall the window."""
+class _WheelGuard(QObject):
+    """The wheel scrolls the form; it changes a field only once that field has focus
+    (a person scrolling the panel past Heads must not turn 4 into 1)."""
 
-    def __init__(self) -> None:
-        self._pool: ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
+    def __init__(self, scroll: QScrollArea) -> None:
+        super().__init__(scroll)
+        self.scroll = scroll
 
-    def __call__(self, cfg: RunConfig) -> Any:
-        from ..core.estimate import estimate
+    def guard(self, widget: QWidget) -> None:
+        widget.setFocusPolicy(Qt.FocusPolicy.StrongFocus)  # not WheelFocus: a wheel does not take focus
+        widget.installEventFilter(self)
 
-        with self._lock:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=run_context(),
-                                                 initializer=lifeline.helper, initargs=("paralab-predict", os.getpid()))
-            pool = self._pool
-        try:
-            return pool.submit(estimate, cfg, "both").result()
-        except BrokenProcessPool:
-            with self._lock:
-                self._pool = None
-            raise RuntimeError("the prediction process ended unexpectedly") from None
-
-    def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        processes = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for p in processes:  # a trace under way is not worth waiting for
-            p.kill()
-            p.join(timeout=2)
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Type.Wheel and isinstance(obj, QWidget) and not obj.hasFocus():
+            QApplication.sendEvent(self.scroll.viewport(), event)  # scroll the form instead
+            return True
+        return False
 
 
 class ConfigPanel(QWidget):
@@ -145,7 +149,11 @@ class ConfigPanel(QWidget):
         self._estimate_lock = threading.Lock()
         self._estimate_next: tuple[int, RunConfig | None] | None = None
         self._estimate_busy = False
-        self._estimator = _EstimateProcess()
+        self._estimator = PredictionProcess()
+        self._estimate_started = 0.0
+        self._estimate_clock = QTimer(self)
+        self._estimate_clock.setInterval(1000)
+        self._estimate_clock.timeout.connect(self._show_elapsed)
         self._estimate_signals = _EstimateSignals(self)
         self._estimate_signals.done.connect(self._on_estimate)
         self._estimate_timer = QTimer(self)
@@ -219,6 +227,8 @@ class ConfigPanel(QWidget):
         outer.addWidget(scroll, 1)
         body = QWidget()
         scroll.setWidget(body)
+        self.scroll = scroll
+        self._wheel = _WheelGuard(scroll)
         top = QVBoxLayout(body)
         self.title = QLabel(objectName="configTitle", wordWrap=True)
         self.description = QLabel(objectName="configDescription", wordWrap=True)
@@ -248,7 +258,7 @@ class ConfigPanel(QWidget):
         self.placement = QTableWidget(0, 2)
         self.placement.setHorizontalHeaderLabels(["layer", "device"])
         self.placement.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        self.placement.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+        self.placement.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Fixed)
         self.placement.verticalHeader().setVisible(False)
         self.placement.setToolTip(self._docs["placement.split"])
         self.even_split = QPushButton("Even split")
@@ -306,6 +316,8 @@ class ConfigPanel(QWidget):
         self.estimate_box = box
         footer.addWidget(box)
         outer.addLayout(footer)
+        for field in [*body.findChildren(QComboBox), *body.findChildren(QAbstractSpinBox)]:
+            self._wheel.guard(field)
 
     def _build_devices(self) -> QGroupBox:
         box = QGroupBox("Devices")
@@ -457,7 +469,7 @@ class ConfigPanel(QWidget):
                 errors.append(str(e))
                 self._mark(key, True)
         cfg = self._with_split(cfg)
-        problems = errors or cfg.validate()
+        problems = [in_form_words(p) for p in (errors or cfg.validate())]
         self._config = None if errors else cfg
         self._problems = problems
         self._refresh(cfg)
@@ -535,12 +547,17 @@ class ConfigPanel(QWidget):
                 combo = QComboBox()
                 combo.addItems(labels)
                 combo.currentIndexChanged.connect(lambda dev, r=row: self._on_layer_moved(r, dev))
+                self._wheel.guard(combo)
                 table.setCellWidget(row, 1, combo)
             combo.blockSignals(True)
             for i, label in enumerate(labels):
                 combo.setItemText(i, label)
             combo.setCurrentIndex(owner[row] if row < len(owner) else 0)
             combo.blockSignals(False)
+        # The header sizes a column by its items, not by the combo boxes in its cells:
+        # give the device column the combos' own width so "sim0" is not cut to "sim".
+        combos = [table.cellWidget(r, 1) for r in range(len(names))]
+        table.setColumnWidth(1, max(c.sizeHint().width() for c in combos) + 4)
         height = table.horizontalHeader().height() + sum(table.rowHeight(r) for r in range(len(names)))
         table.setFixedHeight(min(height + 4, 260))
 
@@ -576,14 +593,27 @@ class ConfigPanel(QWidget):
 
     def _schedule_estimate(self) -> None:
         self._generation += 1
+        # A new configuration makes the prediction in flight worthless: end its process
+        # now rather than wait for it (a huge model can take minutes to trace).
+        self._estimator.cancel()
+        self.estimate = None  # it was the old settings' (a run started now must not show it)
         if self._config is None or self._problems:
             self._estimate_timer.stop()
-            self.estimate = None
+            self._estimate_clock.stop()
             self.estimate_label.setText("Fix the problems above to see the prediction.")
             self.estimate_warning.hide()
             return
         self.estimate_label.setText("Predicting…")
+        self.estimate_warning.hide()  # it was about the settings before this change
+        self._estimate_started = time.monotonic()
+        self._estimate_clock.start()
         self._estimate_timer.start()
+
+    def _show_elapsed(self) -> None:
+        seconds = int(time.monotonic() - self._estimate_started)
+        if seconds >= SLOW_PREDICTION_S:
+            self.estimate_label.setText(f"Predicting… {seconds} s so far: tracing a large model takes a while. "
+                                        "Changing a setting cancels it; Start does not wait for it.")
 
     def _start_estimate(self) -> None:
         # One worker thread at a time; it always takes the newest request, so a burst of
@@ -618,6 +648,7 @@ class ConfigPanel(QWidget):
     def _on_estimate(self, generation: int, result: Any, error: str) -> None:
         if generation != self._generation:
             return  # the settings changed since; a newer prediction is on its way
+        self._estimate_clock.stop()
         self.estimate = result
         self.estimate_ready.emit(result)
         if result is None:

@@ -26,6 +26,10 @@ from ..core.events import RunEnded, RunStarted
 from ..core.run import Run
 
 BATCH_MS = 50
+RANK_NICENESS = 5
+"""Local ranks run this much nicer than the window: on a machine with few cores they
+would otherwise take the CPU the event loop needs to draw (stalls of tens of ms); they
+still get every cycle the window does not use."""
 
 
 class _RunThread(QThread):
@@ -81,6 +85,8 @@ class RunController(QObject):
         self._timer = QTimer(self)
         self._timer.setInterval(BATCH_MS)
         self._timer.timeout.connect(self._drain)
+        self._niced: set[tuple[int, int]] = set()
+        self._drains = 0
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -96,6 +102,14 @@ class RunController(QObject):
     @property
     def run(self) -> Run | None:
         return self._thread.run_obj if self._thread else None
+
+    def progress(self) -> dict[str, int] | None:
+        """The starting run's progress (core.run.Run.progress), None before it has ranks."""
+        run = self.run
+        try:
+            return run.progress() if run else None
+        except RuntimeError:  # its dicts changed under us (the run's thread): ask again next time
+            return None
 
     def pids(self) -> list[int]:
         run = self.run
@@ -113,6 +127,8 @@ class RunController(QObject):
         self.metrics_path = self.runs_dir / f"run-{self._count}.jsonl"
         self.last_start = self.last_end = None
         self._paused = False
+        self._niced.clear()
+        self._drains = 0
         self._thread = _RunThread(cfg, self.metrics_path, self)
         self._thread.finished.connect(self._on_thread_finished)
         self._thread.start()
@@ -169,6 +185,9 @@ class RunController(QObject):
         thread = self._thread
         if thread is None:
             return
+        self._drains += 1
+        if self._drains % 10 == 1:  # twice a second: ranks and threads that appeared since
+            self._nice_ranks()
         queue = thread.queue
         batch: list = []
         end: RunEnded | None = None
@@ -187,6 +206,23 @@ class RunController(QObject):
         if end is not None:
             self.last_end = end
             self.ended.emit(end)
+
+    def _nice_ranks(self) -> None:
+        """Lower the ranks' priority, thread by thread (Linux's nice is per thread; threads
+        a rank starts later inherit it from its main thread)."""
+        if not hasattr(os, "setpriority"):
+            return
+        for pid in self.pids():
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                tids = [pid]
+            for tid in tids:
+                if (pid, tid) in self._niced:
+                    continue
+                self._niced.add((pid, tid))
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), RANK_NICENESS))
 
     def _flush(self, batch: list) -> None:
         if batch:

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from PySide6.QtCore import QPointF, QRectF, QSize, Qt
 from PySide6.QtGui import QBrush, QColor, QPainter, QPen, QPolygonF
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QFrame,
+    QGridLayout,
+    QLabel,
+    QScrollArea,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..core.config import human_bytes
 from ..core.events import CATEGORIES
@@ -24,6 +32,7 @@ class Gauge(QWidget):
     """The memory of one device, painted by hand (no child widgets, cheap to repaint)."""
 
     BAR_W = 34
+    MIN_W, MIN_H = 128, 140
     TEXT_H = 62  # label, used / capacity, and the out-of-memory line, wrapped
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -36,7 +45,7 @@ class Gauge(QWidget):
         self.oom: str | None = None
         """None: fine; otherwise the text naming what overflowed."""
         self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
-        self.setMinimumSize(128, 140)
+        self.setMinimumSize(self.MIN_W, self.MIN_H)
         self.setMaximumWidth(180)
 
     def sizeHint(self) -> QSize:
@@ -124,20 +133,34 @@ class Gauge(QWidget):
 
 
 class DeviceView(QWidget):
-    """A row of gauges, one per device of the bound run, with the category legend."""
+    """Gauges, one per device of the bound run, with the category legend.
+
+    They wrap into as many rows as the width needs and scroll inside the view, so 32
+    devices never make the window wider than the screen (the window's minimum width
+    would otherwise be the sum of the gauges')."""
+
+    SPACING = 4
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.gauges: list[Gauge] = []
-        self._row = QHBoxLayout()
-        self._row.setSpacing(4)
-        self._row.addStretch(1)
+        self._grid_widget = QWidget()
+        self._grid = QGridLayout(self._grid_widget)
+        self._grid.setSpacing(self.SPACING)
+        self._grid.setContentsMargins(0, 0, 0, 0)
+        self._columns = 0
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setWidget(self._grid_widget)
+        self.scroll.setMinimumHeight(Gauge.MIN_H)
         legend = QLabel(legend_html(CATEGORY_COLORS) + f' &nbsp; <span style="color:{CAPACITY_COLOR}">'
                         f'&#9644;</span> capacity &nbsp; <span style="color:{PREDICTION_COLOR}">&#9664;</span> predicted')
         legend.setWordWrap(True)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addLayout(self._row, 1)
+        layout.addWidget(self.scroll, 1)
         layout.addWidget(legend)
         self._prediction: dict[int, dict] = {}
         self._seen = (-1, -1)
@@ -145,12 +168,37 @@ class DeviceView(QWidget):
 
     def _ensure(self, n: int) -> None:
         # Gauges are made once per device slot and reused by later runs.
+        grew = len(self.gauges) < n
         while len(self.gauges) < n:
-            g = Gauge(self)
-            self._row.insertWidget(len(self.gauges), g)  # before the trailing stretch
-            self.gauges.append(g)
+            self.gauges.append(Gauge(self._grid_widget))
         for i, g in enumerate(self.gauges):
             g.setVisible(i < n)
+        self._shown = n
+        self._wrap(force=grew)
+
+    def columns_for(self, width: int) -> int:
+        return max(1, (width + self.SPACING) // (Gauge.MIN_W + self.SPACING))
+
+    def _wrap(self, force: bool = False) -> None:
+        columns = self.columns_for(self.width() - self.scroll.verticalScrollBar().sizeHint().width())
+        if columns == self._columns and not force:
+            return
+        self._columns = columns
+        for g in self.gauges:
+            self._grid.removeWidget(g)
+        for i, g in enumerate(self.gauges[:getattr(self, "_shown", 0)]):
+            self._grid.addWidget(g, i // columns, i % columns)
+        for c in range(self._grid.columnCount()):
+            self._grid.setColumnStretch(c, 0)
+        self._grid.setColumnStretch(columns, 1)  # gauges keep their width, the rest is slack
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        super().resizeEvent(event)
+        self._wrap()
+
+    def rows(self) -> int:
+        n = getattr(self, "_shown", 0)
+        return -(-n // max(self._columns, 1)) if n else 0
 
     def refresh(self, data: RunData, force: bool = False) -> bool:
         """Take the latest memory and end state from data; False when nothing changed."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QMainWindow,
     QPushButton,
+    QStackedWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -37,13 +39,14 @@ from ..core.events import CATEGORIES, RunEnded, RunStarted, read_events, to_dict
 from .buffers import RunData
 from .config_panel import ConfigPanel
 from .controller import RunController
-from .dashboard import Dashboard
+from .dashboard import Dashboard, rate_text
+from .welcome import Welcome
 
 THEMES = ("light", "dark")
 FAILURE_TITLES = {"oom": "Out of memory", "error": "A rank failed"}
 CSV_COLUMNS = ["event", "time_s", "step", "device", "loss", "samples_per_s", "lr", *CATEGORIES,
-               "peak_bytes", "capacity_bytes", "phase", "start_s", "end_s", "percent", "source",
-               "status", "message", "steps", "clock", "name", "message_bytes", "op"]
+               "peak_bytes", "capacity_bytes", "phase", "op", "start_s", "end_s", "clock", "name", "message_bytes",
+               "percent", "source", "status", "message", "steps", "param_count"]
 STOP_CLOSE_TIMEOUT_MS = 20_000
 
 
@@ -94,6 +97,10 @@ class MainWindow(QMainWindow):
         self._closing = False
         self._forced = False
         self._state = "idle"
+        self._started_at = 0.0
+        self._progress_timer = QTimer(self)
+        self._progress_timer.setInterval(250)
+        self._progress_timer.timeout.connect(self._show_progress)
 
         self.panel = ConfigPanel()
         self.dock = QDockWidget("Run settings")
@@ -131,8 +138,21 @@ class MainWindow(QMainWindow):
         v = QVBoxLayout(center)
         v.setContentsMargins(6, 6, 6, 0)
         v.addWidget(self.banner)
-        v.addWidget(self.dashboard, 1)
+        self.welcome = Welcome()
+        self.welcome.chosen.connect(self._on_welcome_preset)
+        self.welcome.dismissed.connect(self.show_dashboard)
+        self.pages = QStackedWidget()
+        self.pages.addWidget(self.welcome)
+        self.pages.addWidget(self.dashboard)
+        v.addWidget(self.pages, 1)
         self.setCentralWidget(center)
+
+    def show_dashboard(self) -> None:
+        self.pages.setCurrentWidget(self.dashboard)
+
+    def _on_welcome_preset(self, name: str) -> None:
+        self.load_preset(name)
+        self.show_dashboard()
 
     def _action(self, text: str, slot: Any, shortcut: str | None = None, tip: str = "") -> QAction:
         a = QAction(text, self)
@@ -219,16 +239,34 @@ class MainWindow(QMainWindow):
             cfg = presets.load(presets.names()[0])
         self.panel.set_config(cfg)
         geometry = s.value("geometry")
+        room = self.screen().availableGeometry()
         if geometry:
             self.restoreGeometry(geometry)
         else:
-            room = self.screen().availableGeometry()
             self.resize(min(room.width(), 1600), min(room.height(), 1000))
+        self.fit_to_screen()
         state = s.value("state")
         if state:
             self.restoreState(state)
+        else:  # the form needs about this much; the plots want the rest
+            self.resizeDocks([self.dock], [380], Qt.Orientation.Horizontal)
         theme = str(s.value("theme", "light"))
         self.apply_theme(theme if theme in THEMES else "light")
+
+    def fit_to_screen(self) -> None:
+        """Keep the window on its screen: a remembered size from a larger screen (or from
+        an old version whose window grew with the devices) is cut down to what fits."""
+        room = self.screen().availableGeometry()
+        frame = self.frameGeometry()
+        extra_w, extra_h = frame.width() - self.width(), frame.height() - self.height()
+        w = min(self.width(), room.width() - extra_w)
+        h = min(self.height(), room.height() - extra_h)
+        if (w, h) != (self.width(), self.height()):
+            self.resize(w, h)
+        x = min(max(frame.x(), room.left()), room.right() - w - extra_w + 1)
+        y = min(max(frame.y(), room.top()), room.bottom() - h - extra_h + 1)
+        if (x, y) != (frame.x(), frame.y()):
+            self.move(x, y)
 
     def _remember(self) -> None:
         cfg = self.panel.config()
@@ -255,9 +293,12 @@ class MainWindow(QMainWindow):
         if cfg is None or self.panel.problems() or self.controller.running:
             return False
         self.banner.hide()
+        self.statusBar().clearMessage()  # the last run's verdict would hide the start-up progress
         self._remember()
+        # Nothing of the last run stays: capacity, prediction lines, ranges, an OOM's red.
         self.dashboard.clear()
         self.data.reset(None)
+        self.dashboard.refresh(force=True)
         self.lr_box.blockSignals(True)
         self.lr_box.setValue(cfg.train.lr)
         self.lr_box.blockSignals(False)
@@ -265,13 +306,24 @@ class MainWindow(QMainWindow):
         self.loss_label.setText("")
         self.rate_label.setText("")
         self._total_steps = cfg.train.steps
+        self.show_dashboard()
         self.controller.start(cfg)
+        self._started_at = time.monotonic()
         self._set_state("starting")
+        self._progress_timer.start()
         return True
+
+    def _show_progress(self) -> None:
+        """Until the first step: what the run is doing, and for how long so far."""
+        if self._state != "starting":
+            self._progress_timer.stop()
+            return
+        self.state_label.setText(f"{startup_text(self.controller.progress())} ({time.monotonic() - self._started_at:.0f} s)")
 
     def pause_run(self) -> None:
         if self._state == "running":
             self.controller.pause()
+            self.data.mark("pause", "paused")
             self._set_state("paused")
 
     def resume_run(self) -> None:
@@ -315,7 +367,11 @@ class MainWindow(QMainWindow):
 
     # ---- controller signals ----------------------------------------------------------------
 
-    def _on_config_changed(self, _cfg: RunConfig | None, _problems: list[str]) -> None:
+    def _on_config_changed(self, cfg: RunConfig | None, _problems: list[str]) -> None:
+        if cfg is not None and not self.controller.running:
+            self.lr_box.blockSignals(True)  # the toolbar shows the form's rate, not its own minimum
+            self.lr_box.setValue(cfg.train.lr)
+            self.lr_box.blockSignals(False)
         self._update_actions()
 
     def _on_estimate(self, est: Any) -> None:
@@ -340,7 +396,7 @@ class MainWindow(QMainWindow):
         if last is not None:
             self.step_label.setText(f"step {last.step}/{self._total_steps}")
             self.loss_label.setText(f"loss {last.loss:.4g}")
-            self.rate_label.setText(f"{last.samples_per_s:,.0f} samples/s")
+            self.rate_label.setText(rate_text(self.data))
 
     def _on_ended(self, end: RunEnded) -> None:
         if end.status in FAILURE_TITLES:
@@ -405,13 +461,7 @@ class MainWindow(QMainWindow):
                     w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
                     w.writeheader()
                     for e in read_events(src):
-                        row = to_dict(e)
-                        held = row.pop("bytes", None)
-                        if isinstance(held, dict):  # memory: bytes by category
-                            row.update(held)
-                        elif held is not None:  # a transfer's span: the message's size
-                            row["message_bytes"] = held
-                        w.writerow(row)
+                        w.writerow(csv_row(e))
         except OSError as e:
             self.banner.show_message(f"Cannot write {path}: {e.strerror or e}")
             return False
@@ -470,6 +520,33 @@ class MainWindow(QMainWindow):
             self.controller.shutdown(timeout_s=2.0)  # kills what is left
         self._forced = True
         self.close()
+
+
+def startup_text(progress: dict[str, int] | None) -> str:
+    """From Start to the first step: ranks started n/N, building the model, first step."""
+    if not progress:
+        return "Starting the run…"
+    world = progress["world"]
+    if progress["launched"] < world or progress["heard"] < world:
+        return f"Starting the ranks: {progress['heard']}/{world} up"
+    if progress["training"] < world:
+        return f"Building the model on every rank: {progress['training']}/{world} ready"
+    return "Running the first step…"
+
+
+def csv_row(event: Any) -> dict[str, Any]:
+    """One CSV row: memory bytes spread into one column per category.  Columns keep one
+    meaning each: `params` holds bytes, so the start's parameter count is `param_count`,
+    and a communication span's message size is `message_bytes`."""
+    row = to_dict(event)
+    if isinstance(event, RunStarted):
+        row["param_count"] = row.pop("params", None)
+    held = row.pop("bytes", None)
+    if isinstance(held, dict):
+        row.update(held)
+    elif held is not None:
+        row["message_bytes"] = held
+    return row
 
 
 def _palette(name: str, app: QApplication) -> QPalette:

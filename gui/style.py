@@ -26,12 +26,22 @@ PHASE_COLORS: dict[str, str] = {
     "communication": "#E6C700",  # yellow
     "idle": "#9A9A9A",           # grey: the bubble
 }
-DEVICE_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#8C6D31", "#7F7F7F")
+# Per-device lines: none of the memory categories' colours, so a device's line is never
+# read as "grads" or "params" beside the stacked areas.
+DEVICE_COLORS = ("#D55E00", "#17BECF", "#7B3294", "#8C510A", "#BCBD22", "#3F51B5", "#E7298A", "#01665E")
 CAPACITY_COLOR = "#D62728"     # the line a device must stay under
 PREDICTION_COLOR = "#8E44AD"   # the estimate drawn before the run
 OOM_COLOR = "#D62728"
+MARKER_COLORS: dict[str, str] = {
+    "pause": "#5E81AC",   # slate blue: the run held still here
+    "lr": "#2E7D32",      # dark green: the learning rate changed, with its new value
+    "end": "#6B6E74",     # grey: finished or stopped
+    "oom": OOM_COLOR,     # red: out of memory
+    "error": OOM_COLOR,   # red: a rank failed
+}
 
 assert set(CATEGORY_COLORS) == set(CATEGORIES) and set(PHASE_COLORS) == set(PHASES)
+assert not {c.upper() for c in DEVICE_COLORS} & {c.upper() for c in CATEGORY_COLORS.values()}
 
 
 def device_color(index: int) -> str:

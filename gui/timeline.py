@@ -20,15 +20,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyqtgraph as pg
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import QGraphicsItem, QLabel, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QGraphicsItem, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from ..core.events import PHASES
 from .buffers import PHASE_INDEX, RunData
+from .plot_items import Placeholder
 from .style import PHASE_COLORS, legend_html
 
 BUSY = np.array([PHASE_INDEX[p] for p in ("forward", "backward", "optimizer", "communication")], dtype=float)
 ROW_HEIGHT = 0.7
+ROW_PX = 14
+MANY_DEVICES = 8  # past this, the idle shares are summarised instead of listed
 
 
 @dataclass
@@ -126,6 +130,8 @@ class Timeline(QWidget):
         for name in ("left", "bottom"):  # see Dashboard: cached axes repaint as a copy
             item.getAxis(name).setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
         self._x_span = 0.0
+        self.placeholder = Placeholder(item, "Which device is busy when (forward, backward, communication, idle)\n"
+                                             "appears here for a few sampled steps of the run.")
         self.legend = QLabel(legend_html(PHASE_COLORS))
         self.info = QLabel("")
         self.info.setWordWrap(True)
@@ -134,8 +140,10 @@ class Timeline(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.plot, 1)
-        layout.addWidget(self.legend)
-        layout.addWidget(self.info)
+        row = QHBoxLayout()  # legend and idle shares side by side: a line less of height
+        row.addWidget(self.legend, 0, Qt.AlignmentFlag.AlignTop)
+        row.addWidget(self.info, 1)
+        layout.addLayout(row)
         self.window = Window()
         self._seen = -1
         self._rows = -1
@@ -151,8 +159,12 @@ class Timeline(QWidget):
         n = len(data.devices)
         if n != self._rows:
             self._rows = n
+            # Rows stay readable however many devices: the view scrolls (Dashboard) instead.
+            self.plot.setMinimumHeight(40 + ROW_PX * n)
             item.getAxis("left").setTicks([[(i + 0.5, label) for i, label in enumerate(data.labels)]])
             item.setYRange(-0.4, max(n, 1), padding=0)  # room above row 0 for the step labels
+        if win.steps:
+            self.placeholder.hide()
         self._place_steps(win)
         self.info.setText(self._describe(data, win))
         return True
@@ -173,9 +185,15 @@ class Timeline(QWidget):
     def _describe(self, data: RunData, win: Window) -> str:
         if not win.steps:
             return "No phase spans yet: ranks record them on sampled steps."
-        shares = ", ".join(f"{label} {share:.0%}" if share is not None else f"{label} –"
-                           for label, share in zip(data.labels, win.idle))
-        text = f"Idle share of the shown steps: {shares}"
+        if len(data.labels) > MANY_DEVICES and any(s is not None for s in win.idle):
+            known = [(s, label) for s, label in zip(win.idle, data.labels) if s is not None]
+            lo, hi = min(known), max(known)
+            text = (f"Idle share of the shown steps: from {lo[0]:.0%} ({lo[1]}) to {hi[0]:.0%} ({hi[1]}), "
+                    f"mean {sum(s for s, _ in known) / len(known):.0%} over {len(known)} devices")
+        else:
+            shares = ", ".join(f"{label} {share:.0%}" if share is not None else f"{label} –"
+                               for label, share in zip(data.labels, win.idle))
+            text = f"Idle share of the shown steps: {shares}"
         if data.mode == "pipeline":
             p = len(data.devices)
             m = int(data.config.get("train", {}).get("micro_batches", 1))
@@ -184,6 +202,7 @@ class Timeline(QWidget):
         return text
 
     def set_text_color(self, color: QColor) -> None:
+        self.placeholder.set_color(color)
         for label in self.step_labels:
             label.setColor(color)
 
@@ -196,3 +215,5 @@ class Timeline(QWidget):
         self.window = Window()
         self._seen = -1
         self._x_span = 0.0
+        self._rows = -1  # the placeholder's neutral range replaced the rows': set them again
+        self.placeholder.show()

@@ -116,6 +116,7 @@ def dashboard(qtbot):
     from paralab.gui.dashboard import Dashboard
 
     dash = Dashboard()
+    dash.telemetry_interval_s = 0.0  # every refresh draws everything (the app throttles telemetry)
     qtbot.addWidget(dash)
     dash.resize(1200, 900)
     dash.show()
@@ -143,7 +144,10 @@ def test_dashboard_curves_hold_the_fed_data(dashboard):
     x, y = dashboard.loss_curve.getData()
     assert x.tolist() == list(range(1, 51)) and y == pytest.approx([2.0 / i for i in range(1, 51)])
     x, y = dashboard.rate_curve.getData()
-    assert x == pytest.approx([i * 0.1 for i in range(1, 51)]) and y[-1] == 690.0
+    # The curve is the smoothed rate (one step's figure swings); the raw one stays in the data.
+    assert x == pytest.approx([i * 0.1 for i in range(1, 51)]) and 641.0 < y[-1] < 690.0
+    assert data.steps.column(3)[-1] == 690.0
+    assert data.average_rate == pytest.approx(50 / sum(1 / (640.0 + i) for i in range(1, 51)))
     for d in range(2):
         x, y = dashboard.util_curves[d].getData()
         assert len(x) == 50 and set(y.tolist()) == {40.0 + d}
@@ -408,3 +412,57 @@ def test_qt_binding_keeps_none_alive(qtbot):
     for _ in range(1000):
         w.update()
     assert sys.getrefcount(None) > before - 500
+
+
+def test_telemetry_views_redraw_at_most_ten_times_a_second(qtbot):
+    """The loss follows every refresh; memory, gauges and timeline wait 100 ms between redraws."""
+    from paralab.gui.dashboard import Dashboard
+
+    dash = Dashboard()
+    qtbot.addWidget(dash)
+    data = RunData()
+    dash.bind(data)
+    feed(data, n_steps=5)
+    dash.refresh(force=True)
+    data.add([StepDone(6, 0.1, 0.6, 600.0, 0.01), memory(6, 0, 0.6, params=99 * MIB)])
+    dash.refresh()
+    assert dash.loss_curve.getData()[0][-1] == 6
+    assert dash.devices.gauges[0].used != 99 * MIB  # not yet
+    # Then one telemetry view per tick, each at most ten times a second.
+    qtbot.waitUntil(lambda: dash.refresh() is not None and dash.devices.gauges[0].used == 99 * MIB, timeout=2000)
+
+
+def test_memory_hint_comes_back_between_runs(dashboard):
+    """No devices: the memory area says what will appear there; a run replaces it, and the
+    next Start (no devices yet) brings it back without clashing with the plots' cells."""
+    data = RunData()
+    dashboard.bind(data)
+    dashboard.refresh()
+    assert dashboard.mem_pages.currentWidget() is dashboard.mem_hint
+    feed(data, n_steps=3)
+    dashboard.refresh()
+    assert dashboard.mem_pages.currentWidget() is dashboard.mem_scroll and dashboard.mem_plots[0].plot.isVisible()
+    for _ in range(2):
+        data.reset(None)
+        dashboard.clear()
+        dashboard.refresh()
+        assert dashboard.mem_pages.currentWidget() is dashboard.mem_hint
+        feed(data, n_steps=3)
+        dashboard.refresh()
+        assert dashboard.mem_pages.currentWidget() is dashboard.mem_scroll
+
+
+def test_memory_plots_fill_their_view_after_a_run_with_more_devices(dashboard, qtbot):
+    """32 devices, then 2: the plots' grid once stayed at the 32-device size, a corner of the view."""
+    data = RunData()
+    dashboard.bind(data)
+    for n in (2, 32, 2):
+        data.reset(None)
+        dashboard.clear()
+        dashboard.refresh()
+        feed(data, n_steps=3, n=n)
+        dashboard.refresh()
+        qtbot.wait(20)
+        view, grid = dashboard.mem_view, dashboard.mem_layout
+        assert grid.size().width() == view.width() and grid.size().height() == view.height()
+        assert dashboard.mem_plots[0].plot.size().width() > view.width() / 5

@@ -1,0 +1,57 @@
+"""The first thing a person sees: the presets as a short list of choices, one line each
+(the two seeds first), and what pressing Start will show.  Choosing a preset, or
+Start, brings the live dashboard forward."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
+
+from ..core import presets
+
+SUMMARIES = {
+    "seed-data-parallel": "nn.DataParallel linear regression (y = 3x + noise): the batch split over the devices.",
+    "seed-model-parallel": "The SplitNN over two devices: one computes while the other waits.",
+    "mlp-ddp": "DDP: a full replica on every device, gradients all-reduced during backward.",
+    "mlp-tensor-parallel": "Tensor parallel: every weight split over the devices, one all-reduce per block.",
+    "transformer-fsdp": "A GPT sharded with FSDP: about 1/N of the model on each device.",
+    "transformer-pipeline": "A GPT in 1F1B pipeline stages: the timeline shows the bubble.",
+    "out-of-memory": "Too big on purpose: the out-of-memory names the device and the category.",
+}
+
+WHAT_START_SHOWS = (
+    "Press <b>Start</b> (Ctrl+R) to train the settings on the left, for real, on simulated "
+    "devices or your GPUs. You will see each device's memory fill by category (parameters, "
+    "gradients, optimizer state, activations) against its capacity and the prediction, the "
+    "loss fall step by step, the samples per second, and which device is busy when.")
+
+
+class Welcome(QWidget):
+    chosen = Signal(str)
+    """A preset's name: the person picked it."""
+    dismissed = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent, objectName="welcome")
+        v = QVBoxLayout(self)
+        v.setContentsMargins(32, 24, 32, 24)
+        title = QLabel("<h2>paralab: watch multi-GPU training fill the devices</h2>")
+        v.addWidget(title)
+        v.addWidget(QLabel("Pick a lesson to begin (it fills the settings on the left):"))
+        self.buttons: dict[str, QPushButton] = {}
+        for name in presets.names():
+            button = QPushButton(f"{name} — {SUMMARIES.get(name, '')}".rstrip(" —"), objectName="welcomePreset")
+            button.setFlat(True)
+            button.setCursor(Qt.CursorShape.PointingHandCursor)
+            button.setStyleSheet("text-align: left; padding: 4px 8px;")
+            button.clicked.connect(lambda _=False, n=name: self.chosen.emit(n))
+            v.addWidget(button)
+            self.buttons[name] = button
+        start = QLabel(WHAT_START_SHOWS, wordWrap=True)
+        start.setTextFormat(Qt.TextFormat.RichText)
+        v.addSpacing(12)
+        v.addWidget(start)
+        skip = QPushButton("Show the dashboard", objectName="welcomeSkip")
+        skip.clicked.connect(self.dismissed.emit)
+        v.addWidget(skip, alignment=Qt.AlignmentFlag.AlignLeft)
+        v.addStretch(1)
