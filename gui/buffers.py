@@ -159,6 +159,8 @@ class DeviceSeries:
         """time_s, percent (samples without a value are not stored)."""
         self.util_source = ""
         self.util_percent: float | None = None
+        self.util_extra: dict = {}
+        """The last sample's figures (modelled: mfu, overlap, comm_bytes, busbw_gbs...)."""
         self.spans = Ring(span_capacity, 4)
         """start_s, end_s, phase index (core.events.PHASES), step."""
 
@@ -247,7 +249,7 @@ class RunData:
         d.utilization.clear()
         d.spans.clear()
         d.peak_bytes, d.last, d.previous = 0, None, None
-        d.util_source, d.util_percent = "", None
+        d.util_source, d.util_percent, d.util_extra = "", None, {}
 
     def add(self, events: list) -> None:
         """Take a batch of events (any kinds, in order)."""
@@ -347,6 +349,7 @@ class RunData:
             return False  # a modelled device's busy share is its compute stream's, not the CPU's
         d.util_source = e.source
         d.util_percent = e.percent
+        d.util_extra = dict(e.extra)
         if e.percent is not None:
             d.utilization.extend((e.time_s, e.percent))
         return True

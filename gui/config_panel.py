@@ -38,6 +38,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..core import devices as core_devices
+from ..core import preflight
 from ..core.config import (
     DATASETS,
     MODELS,
@@ -469,12 +470,21 @@ class ConfigPanel(QWidget):
                 errors.append(str(e))
                 self._mark(key, True)
         cfg = self._with_split(cfg)
-        problems = [in_form_words(p) for p in (errors or cfg.validate())]
+        problems = [in_form_words(p) for p in (errors or cfg.validate() or self._cannot_hold(cfg))]
         self._config = None if errors else cfg
         self._problems = problems
         self._refresh(cfg)
         self.config_changed.emit(self._config, problems)
         self._schedule_estimate()
+
+    def _cannot_hold(self, cfg: RunConfig) -> list[str]:
+        """What a run would refuse before starting: a simulated device that cannot hold its
+        parameters, gradients and optimizer state (shapes only, on the meta device)."""
+        try:
+            refused = preflight.cannot_hold(cfg, core_devices.resolve(cfg.devices, cfg.sim.memory, self._gpus))
+        except ConfigError:
+            return []
+        return [refused] if refused else []
 
     def _with_split(self, cfg: RunConfig) -> RunConfig:
         """Apply the placement table's split; a split that no longer fits the model or the

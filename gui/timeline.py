@@ -24,6 +24,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QGraphicsItem, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
+from ..core.config import human_bytes
 from ..core.events import PHASES
 from .buffers import PHASE_INDEX, RunData
 from .plot_items import Placeholder
@@ -102,6 +103,23 @@ def compute_window(data: RunData, n_steps: int = 2, gap: float = 0.04) -> Window
         win.idle.append(max(0.0, 1.0 - busy_s / window_s) if window_s > 0 else None)
     win.bars = {p: tuple(np.concatenate(v) if v else np.empty(0) for v in parts[p]) for p in PHASES}
     return win
+
+
+def clock_text(data: RunData) -> str:
+    """Which clock the spans are in; on a modelled one, what it says of each device's step:
+    MFU, the share of its communication hidden under compute, bytes and bus bandwidth."""
+    start = data.start
+    if start is None or start.clock == "host":
+        return "Host time (measured).  "
+    figures = []
+    for d in data.devices:
+        x = d.util_extra
+        if "mfu" in x:
+            comm = (f", comm {human_bytes(int(x['comm_bytes']))} at {x['busbw_gbs']:.0f} GB/s bus, "
+                    f"{x['overlap']:.0%} hidden" if x.get("comm_bytes") else "")
+            figures.append(f"{d.label} MFU {x['mfu']:.1%}{comm}")
+    shown = "; ".join(figures[:4]) + ("; …" if len(figures) > 4 else "")
+    return f"{start.clock[0].upper()}{start.clock[1:]}" + (f" — {shown}" if figures else "") + ".  "
 
 
 class Timeline(QWidget):
@@ -194,6 +212,7 @@ class Timeline(QWidget):
             shares = ", ".join(f"{label} {share:.0%}" if share is not None else f"{label} –"
                                for label, share in zip(data.labels, win.idle))
             text = f"Idle share of the shown steps: {shares}"
+        text = clock_text(data) + text
         if data.mode == "pipeline":
             p = len(data.devices)
             m = int(data.config.get("train", {}).get("micro_batches", 1))

@@ -208,6 +208,17 @@ def test_placement_table_moves_layers_between_devices(window):
     assert panel.config().placement.split == () and panel.problems() == []
 
 
+def test_start_is_disabled_with_the_reason_when_a_device_cannot_hold_the_state(window):
+    w, panel = window, window.panel
+    # An MLP of width 512 has about 2 MiB of parameters alone: 1 MiB cannot hold it.
+    fill(panel, memory="1MiB", width=512, depth=1, steps=20)
+    assert not w.start_action.isEnabled() and not w.start_run()
+    assert any("sim0 cannot hold this run" in p and "“Capacity each”" in p for p in panel.problems()), panel.problems()
+    assert panel.problems_label.isVisible()
+    fill(panel, memory="64MiB", width=512, depth=1, steps=20)
+    assert w.start_action.isEnabled() and panel.problems() == []
+
+
 def test_out_of_memory_shows_the_banner_and_the_next_run_works(window, qtbot, no_leftover_ranks):
     w, panel = window, window.panel
     # A small MLP's state fits in 1 MiB, the activations of a 4096-sample batch do not.

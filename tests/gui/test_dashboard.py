@@ -466,3 +466,32 @@ def test_memory_plots_fill_their_view_after_a_run_with_more_devices(dashboard, q
         view, grid = dashboard.mem_view, dashboard.mem_layout
         assert grid.size().width() == view.width() and grid.size().height() == view.height()
         assert dashboard.mem_plots[0].plot.size().width() > view.width() / 5
+
+
+def test_the_timeline_says_its_clock_and_the_modelled_figures(qtbot):
+    from paralab.gui.timeline import Timeline
+
+    timeline = Timeline(n_steps=1)
+    qtbot.addWidget(timeline)
+    data = RunData()
+    s = start(2)
+    s.clock = "modelled: 2 × H100 SXM over NVLink 4"
+    data.add([s])
+    extra = {"step_s": 0.002, "flops": 1e12, "mfu": 0.25, "comm_s": 1e-4, "comm_bytes": 2 * MIB,
+             "busbw_gbs": 300.0, "overlap": 0.75}
+    data.add([UtilizationSample(d, 90.0, 1.0, "modelled", extra) for d in (0, 1)]
+             + [UtilizationSample(0, 40.0, 1.0, "spans", {})]  # the host's share: not this clock's
+             + [PhaseSpan(d, "forward", 0.0, 0.002, 3, "modelled") for d in (0, 1)]
+             + [PhaseSpan(d, "forward", 0.0, 0.5, 3, "host") for d in (0, 1)])
+    timeline.refresh(data)
+    text = timeline.info.text()
+    assert text.startswith("Modelled: 2 × H100 SXM over NVLink 4"), text
+    assert "sim0 MFU 25.0%, comm 2.0 MiB at 300 GB/s bus, 75% hidden" in text
+    assert [d.util_percent for d in data.devices] == [90.0, 90.0]
+    assert timeline.window.lengths_ms == pytest.approx([2.0])  # the modelled spans, not the host's
+
+    host = RunData()
+    host.add([start(1)])
+    host.add([PhaseSpan(0, "forward", 0.0, 0.5, 3)])
+    timeline.refresh(host, force=True)
+    assert timeline.info.text().startswith("Host time (measured)")
