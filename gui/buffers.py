@@ -163,6 +163,10 @@ class DeviceSeries:
         """The last sample's figures (modelled: mfu, overlap, comm_bytes, busbw_gbs...)."""
         self.spans = Ring(span_capacity, 4)
         """start_s, end_s, phase index (core.events.PHASES), step."""
+        # The other clock's spans and utilization (a simulated device sends the host's and
+        # the modelled GPU's): kept so that the view can switch to them.
+        self.other_spans = Ring(span_capacity, 4)
+        self.other_utilization = Ring(util_capacity, 2)
 
     @property
     def used_bytes(self) -> int:
@@ -191,6 +195,8 @@ class RunData:
         self.devices: list[DeviceSeries] = []
         self.start: RunStarted | None = None
         self.clock = "host"
+        self.viewing_host = False
+        """True while the view shows the host's measured time for a modelled run."""
         self.end: RunEnded | None = None
         self.last_step: StepDone | None = None
         self.loss_finite = True
@@ -221,7 +227,8 @@ class RunData:
         """Forget the previous run; `start` names the devices of the next (None: empty)."""
         self.start = start
         self.clock = "modelled" if start is not None and start.clock != "host" else "host"
-        """The clock of the spans and utilization shown: the run's."""
+        """The run's clock: its spans and utilization are shown unless `viewing_host`."""
+        self.viewing_host = False
         self.end = None
         self.last_step = None
         self.loss_finite = True
@@ -248,6 +255,8 @@ class RunData:
         d.memory.clear()
         d.utilization.clear()
         d.spans.clear()
+        d.other_spans.clear()
+        d.other_utilization.clear()
         d.peak_bytes, d.last, d.previous = 0, None, None
         d.util_source, d.util_percent, d.util_extra = "", None, {}
 
@@ -345,20 +354,46 @@ class RunData:
         d = self._device(e.device)
         if d is None:
             return False
-        if self.clock == "modelled" and e.source != "modelled":
-            return False  # a modelled device's busy share is its compute stream's, not the CPU's
+        if e.source == "modelled":
+            d.util_extra = dict(e.extra)
+        # A modelled device's busy share is its compute stream's; the CPU's is the host view's.
+        clock = "modelled" if e.source == "modelled" else "host"
+        if clock != self.shown_clock:
+            if e.percent is not None:
+                d.other_utilization.extend((e.time_s, e.percent))
+            return False
         d.util_source = e.source
         d.util_percent = e.percent
-        d.util_extra = dict(e.extra)
         if e.percent is not None:
             d.utilization.extend((e.time_s, e.percent))
         return True
 
+    @property
+    def shown_clock(self) -> str:
+        return "host" if self.viewing_host else self.clock
+
+    def view_host_time(self, host: bool) -> None:
+        """Show the host's measured spans and utilization instead of the modelled ones (or
+        back); a run in host time has nothing else to show."""
+        if self.clock == "host" or host == self.viewing_host:
+            return
+        self.viewing_host = host
+        for d in self.devices:
+            d.spans, d.other_spans = d.other_spans, d.spans
+            d.utilization, d.other_utilization = d.other_utilization, d.utilization
+            d.util_source = "spans" if host else "modelled"
+            d.util_percent = d.utilization.last(1) if len(d.utilization) else None
+        self._bump(util=True, spans=True)
+
     def _span(self, e: PhaseSpan) -> bool:
         d = self._device(e.device)
-        if d is None or e.phase not in PHASE_INDEX or e.clock != self.clock:
-            return False  # one clock per run: the run's (a simulated device sends both)
-        d.spans.extend((e.start_s, e.end_s, PHASE_INDEX[e.phase], e.step))
+        if d is None or e.phase not in PHASE_INDEX:
+            return False
+        row = (e.start_s, e.end_s, PHASE_INDEX[e.phase], e.step)
+        if e.clock != self.shown_clock:  # a simulated device sends both clocks' spans
+            d.other_spans.extend(row)
+            return False
+        d.spans.extend(row)
         return True
 
     def _bump(self, steps=False, memory=False, util=False, spans=False, end=False) -> None:

@@ -56,7 +56,8 @@ SPLIT_SHARES = (0.21, 0.29, 0.27, 0.23)  # gauges, loss/rate/utilization, memory
 LEGEND_MAX_DEVICES = 8  # past this the colours repeat: a legend would only list them again
 PREMADE_SLOTS = 4
 LEFT_AXIS_PX = 56
-UTIL_SOURCES = {"nvml": "NVML: a kernel ran", "spans": "share of step computing", "cpu": "rank CPU"}
+UTIL_SOURCES = {"nvml": "NVML: a kernel ran", "spans": "host: share of step computing", "cpu": "rank CPU",
+                "modelled": "modelled GPU: compute stream busy"}
 EMPTY = np.empty(0)
 
 

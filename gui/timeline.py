@@ -22,7 +22,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import QGraphicsItem, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QGraphicsItem, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from ..core.config import human_bytes
 from ..core.events import PHASES
@@ -111,6 +111,8 @@ def clock_text(data: RunData) -> str:
     start = data.start
     if start is None or start.clock == "host":
         return "Host time (measured).  "
+    if data.viewing_host:
+        return f"Host time (measured); the run's clock is {start.clock}.  "
     figures = []
     for d in data.devices:
         x = d.util_extra
@@ -161,12 +163,32 @@ class Timeline(QWidget):
         row = QHBoxLayout()  # legend and idle shares side by side: a line less of height
         row.addWidget(self.legend, 0, Qt.AlignmentFlag.AlignTop)
         row.addWidget(self.info, 1)
+        # A modelled run can be shown in the host's measured time too (the CPU's contention).
+        self.host_time = QCheckBox("host time")
+        self.host_time.setToolTip("Show the host CPU's measured time instead of the modelled GPU's")
+        self.host_time.setVisible(False)
+        self.host_time.toggled.connect(self._view_host_time)
+        row.addWidget(self.host_time, 0, Qt.AlignmentFlag.AlignTop)
         layout.addLayout(row)
         self.window = Window()
+        self._data: RunData | None = None
         self._seen = -1
         self._rows = -1
 
+    def _view_host_time(self, host: bool) -> None:
+        if self._data is not None:
+            self._data.view_host_time(host)
+            self.refresh(self._data, force=True)
+
     def refresh(self, data: RunData, force: bool = False) -> bool:
+        self._data = data
+        modelled = data.clock == "modelled"
+        if self.host_time.isVisibleTo(self) != modelled:
+            self.host_time.setVisible(modelled)
+        if self.host_time.isChecked() != data.viewing_host:  # a new run shows its own clock again
+            self.host_time.blockSignals(True)
+            self.host_time.setChecked(data.viewing_host)
+            self.host_time.blockSignals(False)
         if data.span_version == self._seen and not force:
             return False
         self._seen = data.span_version
@@ -232,6 +254,7 @@ class Timeline(QWidget):
         for label in self.step_labels:
             label.hide()
         self.window = Window()
+        self._data: RunData | None = None
         self._seen = -1
         self._x_span = 0.0
         self._rows = -1  # the placeholder's neutral range replaced the rows': set them again

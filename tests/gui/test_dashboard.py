@@ -489,9 +489,22 @@ def test_the_timeline_says_its_clock_and_the_modelled_figures(qtbot):
     assert "sim0 MFU 25.0%, comm 2.0 MiB at 300 GB/s bus, 75% hidden" in text
     assert [d.util_percent for d in data.devices] == [90.0, 90.0]
     assert timeline.window.lengths_ms == pytest.approx([2.0])  # the modelled spans, not the host's
+    assert timeline.host_time.isVisibleTo(timeline) and not timeline.host_time.isChecked()
+
+    timeline.host_time.setChecked(True)  # the switch: the host's measured time
+    assert timeline.window.lengths_ms == pytest.approx([500.0])
+    assert timeline.info.text().startswith("Host time (measured); the run's clock is modelled: 2 × H100")
+    assert [d.util_percent for d in data.devices] == [40.0, None] and data.devices[0].util_source == "spans"
+    data.add([PhaseSpan(0, "backward", 0.5, 0.7, 3, "host"), PhaseSpan(0, "backward", 0.002, 0.003, 3, "modelled")])
+    timeline.refresh(data)
+    assert timeline.window.lengths_ms == pytest.approx([700.0])
+    timeline.host_time.setChecked(False)  # and back, with what arrived meanwhile
+    assert timeline.window.lengths_ms == pytest.approx([3.0])
+    assert [d.util_percent for d in data.devices] == [90.0, 90.0]
 
     host = RunData()
     host.add([start(1)])
     host.add([PhaseSpan(0, "forward", 0.0, 0.5, 3)])
     timeline.refresh(host, force=True)
     assert timeline.info.text().startswith("Host time (measured)")
+    assert not timeline.host_time.isVisibleTo(timeline)
