@@ -26,6 +26,8 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
+from .recorder import tensors_in
+
 USER_GPUS = Path.home() / ".config" / "paralab" / "gpus.toml"
 
 
@@ -137,8 +139,7 @@ class OpLog:
     def __call__(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         name = func.__name__.split(".")[0]
         device, phase = self.where()
-        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        ins, outs = tensors_in((args, kwargs)), tensors_in(out)
         reads = tuple(id(s) for t in ins if (s := _storage(t)) is not None)
         writes = tuple(id(s) for t in outs if (s := _storage(t)) is not None)
         kind = COLLECTIVES.get(name)
@@ -202,8 +203,7 @@ def _flops(func: Any, args: Any, kwargs: Any, out: Any) -> float:
             return float(formula(*args, **kwargs, out_val=out))
         except Exception:
             pass
-    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-    return float(sum(t.numel() for t in outs))  # elementwise: about one op per output element
+    return float(sum(t.numel() for t in tensors_in(out)))  # elementwise: about one op per output element
 
 
 def _storage(t: torch.Tensor) -> Any:

@@ -27,6 +27,8 @@ class ModelledClock:
         """Modelled seconds since the run started, at the end of the last step."""
         self.step_s = 0.0
         self._laid: tuple[float, Timeline] | None = None
+        self._known: tuple[int, Timeline] | None = None
+        """(signature of the last exchanged step's ops, its timeline)."""
 
     def start(self) -> OpLog | None:
         return OpLog(self.gpu, self.where, self.tf32) if self.gpu is not None else None
@@ -35,11 +37,23 @@ class ModelledClock:
         """The step's ops, with every rank's, on modelled streams."""
         if log is None:
             return
-        logs = {self.ctx.rank: log.ops}
         group = self.ctx.control_group
-        if self.ctx.world > 1 and group is not None:
+        several = self.ctx.world > 1 and group is not None
+        mine = signature(log.ops)
+        changed = self._known is None or self._known[0] != mine
+        if several:  # the same answer on every rank: exchange again if any rank's ops changed
+            import torch
             import torch.distributed as dist
 
+            flag = torch.tensor([int(changed)])
+            dist.all_reduce(flag, group=group)
+            changed = bool(flag.item())
+        if not changed:  # the same ops as last time: the same timeline (it is a function of them)
+            self.step_s = self._known[1].step_s
+            self._laid = (self.now, self._known[1])
+            return
+        logs = {self.ctx.rank: log.ops}
+        if several:
             gathered: list[Any] = [None] * self.ctx.world
             dist.all_gather_object(gathered, log.ops, group=group)
             logs = dict(enumerate(gathered))
@@ -47,10 +61,12 @@ class ModelledClock:
             timeline = schedule(logs)
         except ScheduleError as e:  # keep the last step time; a timeline made up would mislead
             log.ops.clear()
+            self._known = None
             warnings.warn(f"paralab: no modelled timeline for this step: {e}", stacklevel=1)
             return
         self.step_s = timeline.step_s
         self._laid = (self.now, timeline)
+        self._known = (mine, timeline)
 
     def advance(self) -> None:
         self.now += self.step_s
@@ -76,3 +92,16 @@ class ModelledClock:
                 "step_s": tl.step_s, "flops": flops, "mfu": mfu(flops, tl.step_s, self.gpu, tf32=self.tf32),
                 **tl.comm_figures(d.index)}))
         return out
+
+
+def signature(ops: list[Any]) -> int:
+    """What the schedule depends on in a rank's ops, with storages numbered in order of
+    appearance (their ids change from step to step; which op reads what another wrote does
+    not): equal signatures on every rank give the same timeline."""
+    numbers: dict[int, int] = {}
+
+    def number(keys: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(numbers.setdefault(k, len(numbers)) for k in keys)
+
+    return hash(tuple((op.device, op.phase, op.kind, op.seconds, op.name, op.bytes, op.flops, op.group,
+                       op.members, number(op.reads), number(op.writes)) for op in ops))
