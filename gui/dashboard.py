@@ -529,8 +529,10 @@ class Dashboard(QWidget):
         last = data.last_step
         if last is not None:
             every = f" (each point: mean of {s.stride} steps)" if s.stride > 1 else ""
-            self.status.setText(f"step {last.step} · loss {last.loss:.4g} · {rate_text(data)} · "
-                                f"lr {last.lr:g}{every}")
+            # samples/s is in the run's clock: say which, where the figure is read.
+            clock = data.start.clock if data.start is not None and data.start.clock != "host" else ""
+            self.status.setText(f"step {last.step} · loss {last.loss:.4g} · {rate_text(data)}"
+                                f"{f' ({clock})' if clock else ''} · lr {last.lr:g}{every}")
 
     def _draw_util(self, data: RunData) -> None:
         t0, t1 = math.inf, -math.inf
