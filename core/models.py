@@ -8,6 +8,7 @@ transformer put their input and output ends into the first and last layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -112,35 +113,62 @@ def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu")
             return _layers(cfg)
 
 
-def _layers(cfg: ModelConfig) -> nn.Sequential:
+def _makers(cfg: ModelConfig) -> list[Callable[[], nn.Module]]:
+    """How to make each layer, in the order build_model makes them (the order in which
+    they draw from the seeded generator)."""
     if cfg.kind == "linear":
-        return nn.Sequential(SeedLinear())
+        return [SeedLinear]
     if cfg.kind == "split-nn":
         # The model-parallel seed's SplitNN: part1 = layer 0, part2 = layers 1 and 2.
-        return nn.Sequential(
-            nn.Sequential(nn.Linear(10, 50), nn.ReLU()),
-            nn.Sequential(nn.Linear(50, 20), nn.ReLU()),
-            nn.Linear(20, 1),
-        )
+        return [lambda: nn.Sequential(nn.Linear(10, 50), nn.ReLU()),
+                lambda: nn.Sequential(nn.Linear(50, 20), nn.ReLU()),
+                lambda: nn.Linear(20, 1)]
     if cfg.kind == "mlp":
-        return nn.Sequential(
-            nn.Sequential(nn.Linear(cfg.in_features, cfg.width), nn.ReLU()),
-            *(ResidualMLPBlock(cfg.width) for _ in range(cfg.depth)),
-            nn.Linear(cfg.width, cfg.out_features),
-        )
+        return [lambda: nn.Sequential(nn.Linear(cfg.in_features, cfg.width), nn.ReLU()),
+                *(lambda: ResidualMLPBlock(cfg.width) for _ in range(cfg.depth)),
+                lambda: nn.Linear(cfg.width, cfg.out_features)]
     if cfg.kind == "transformer":
-        model = nn.Sequential(
-            TokenEmbedding(cfg.vocab, cfg.width, cfg.seq_len),
-            *(TransformerBlock(cfg.width, cfg.heads) for _ in range(cfg.depth)),
-            LMHead(cfg.width, cfg.vocab),
-        )
-        _init_gpt(model, cfg.depth)
-        return model
+        return [lambda: TokenEmbedding(cfg.vocab, cfg.width, cfg.seq_len),
+                *(lambda: TransformerBlock(cfg.width, cfg.heads) for _ in range(cfg.depth)),
+                lambda: LMHead(cfg.width, cfg.vocab)]
     raise ValueError(f"unknown model {cfg.kind!r}")
 
 
-def _init_gpt(model: nn.Module, depth: int) -> None:
-    for name, p in model.named_parameters():
+def _layers(cfg: ModelConfig) -> nn.Sequential:
+    model = nn.Sequential(*(make() for make in _makers(cfg)))
+    if cfg.kind == "transformer":
+        _init_gpt(model, cfg.depth)
+    return model
+
+
+def stream_layers(cfg: ModelConfig, seed: int) -> Iterator[tuple[int, nn.Module]]:
+    """build_model's layers one at a time, on the CPU, with the same values: a rank that
+    holds a part of the model keeps only that, and at most one whole layer is alive at
+    once.  The global generator is the caller's between layers."""
+    makers, theirs = _makers(cfg), torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        if cfg.kind == "transformer":
+            for make in makers:  # construction draws as build_model's does; GPT init redraws
+                make()
+        for i, make in enumerate(makers):
+            if cfg.kind == "transformer":
+                with torch.random.fork_rng(devices=[]):  # its buffers; its weights are drawn below
+                    layer = make()
+                _init_gpt(layer, cfg.depth, prefix=f"{i}.")
+            else:
+                layer = make()
+            ours = torch.get_rng_state()
+            torch.set_rng_state(theirs)
+            yield i, layer
+            theirs = torch.get_rng_state()
+            torch.set_rng_state(ours)
+    finally:
+        torch.set_rng_state(theirs)
+
+
+def _init_gpt(model: nn.Module, depth: int, prefix: str = "") -> None:
+    for name, p in model.named_parameters(prefix=prefix.rstrip(".")):
         if p.dim() >= 2:
             std = 0.02 / math.sqrt(2 * depth) if name.endswith(("out.weight", "down.weight")) else 0.02
             nn.init.normal_(p, mean=0.0, std=std)

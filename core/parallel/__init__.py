@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import RunConfig, TrainConfig
-from ..models import loss_fn
+from ..models import loss_fn, stream_layers
 
 if TYPE_CHECKING:
     from ..worker import Probe, RankContext
@@ -105,3 +105,28 @@ def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     if train.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=train.lr, foreach=foreach)
     return torch.optim.Adam(params, lr=train.lr, foreach=foreach)
+
+
+def materialise(model: torch.nn.Module, cfg: RunConfig, device: str | torch.device) -> None:
+    """Give a model that was built on the meta device and then sharded (FSDP2, DTensor)
+    its storage on `device` and build_model's values, keeping only this rank's shards:
+    each layer is made whole on the CPU one at a time (models.stream_layers) and the
+    rank's slice of each tensor copied in, as torchtitan initialises a sharded model.
+    So a rank never holds the whole model, only its shards and one layer."""
+    from torch._guards import active_fake_mode
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    model.to_empty(device=device)
+    if active_fake_mode() is not None:
+        return  # a trace on fake tensors: shapes are all it needs
+    with torch.no_grad():
+        for i, whole in stream_layers(cfg.model, cfg.seed):
+            source = {**dict(whole.named_parameters()), **dict(whole.named_buffers())}
+            for name, t in [*model[i].named_parameters(), *model[i].named_buffers()]:
+                value = source[name]
+                if isinstance(t, DTensor):
+                    shape, offset = compute_local_shape_and_global_offset(value.shape, t.device_mesh, t.placements)
+                    value = value[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+                    t = t.to_local()
+                t.copy_(value)

@@ -35,7 +35,7 @@ except ImportError:  # older torch: train untimed
 
 from ..data import make_dataset
 from ..models import build_model
-from . import Trainer, make_optimizer, standard_step
+from . import Trainer, make_optimizer, materialise, standard_step
 
 # A Linear on a 3-D input returns a view of its 2-D matmul, so FSDP2 warns that an in-place
 # op on that output would skip its hook; paralab's models never modify a layer's output in
@@ -46,12 +46,15 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 def apply_fsdp(ctx) -> Trainer:
     cfg, device = ctx.cfg, ctx.local_devices[0]
     mesh = init_device_mesh("cuda" if device.kind == "cuda" else "cpu", (ctx.world,))
-    model = build_model(cfg.model, cfg.seed).to(device.torch_device)
+    # Built on the meta device and sharded there; each rank then materialises its shards
+    # only, with single's initial values (a rank never holds the whole model).
+    model = build_model(cfg.model, cfg.seed, device="meta")
     reshard = cfg.placement.reshard_after_forward
     # Bottom-up: each layer is a unit, then the root takes whatever is left (nothing here).
     for layer in model:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    materialise(model, cfg, device.torch_device)
     timer = _CommTimer(device)
     if DefaultAllGather is not None and hasattr(model, "set_custom_all_gather"):
         for layer in model:

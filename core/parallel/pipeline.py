@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from ..data import make_dataset
-from ..models import build_model, loss_fn, num_layers, split_layers
+from ..models import build_model, loss_fn, num_layers, split_layers, stream_layers
 from . import Trainer, make_optimizer
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -77,9 +77,10 @@ def apply_pipeline(ctx) -> Trainer:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
     layers = split_layers(num_layers(cfg.model), world, cfg.placement.split)[rank]
-    model = build_model(cfg.model, cfg.seed)
-    submod = nn.Sequential(*(model[j] for j in layers)).to(device.torch_device)
-    del model  # the other ranks' layers
+    # Only this stage's layers are kept (the others are made one at a time and dropped, to
+    # draw the same values as build_model): a rank never holds the whole model.
+    submod = nn.Sequential(*(layer for j, layer in stream_layers(cfg.model, cfg.seed) if j in layers))
+    submod = submod.to(device.torch_device)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     example_in, example_out = _example_io(cfg, data, layers, batch_size // m)
     stage = _TimedStage(submod, rank, world, torch.device(device.torch_device),

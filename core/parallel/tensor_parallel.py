@@ -26,7 +26,7 @@ from torch.distributed.tensor.parallel import (
 
 from ..data import make_dataset
 from ..models import ResidualMLPBlock, TransformerBlock, build_model
-from . import Trainer, make_optimizer, standard_step
+from . import Trainer, make_optimizer, materialise, standard_step
 
 
 def _plan(block):
@@ -43,11 +43,12 @@ def _plan(block):
 def apply_tensor_parallel(ctx) -> Trainer:
     cfg, device = ctx.cfg, ctx.local_devices[0]
     mesh = init_device_mesh("cuda" if device.kind == "cuda" else "cpu", (ctx.world,))
-    model = build_model(cfg.model, cfg.seed).to(device.torch_device)
+    model = build_model(cfg.model, cfg.seed, device="meta")  # sharded on meta, then materialised
     for block in model:
         plan = _plan(block)
         if plan:
             parallelize_module(block, mesh, plan)
+    materialise(model, cfg, device.torch_device)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     optimizer = make_optimizer(model.parameters(), cfg.train)
     ctx.ledger.add_params(model.parameters(), device.index)  # the ledger counts local shards
