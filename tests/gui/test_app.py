@@ -22,9 +22,7 @@ import psutil  # noqa: E402
 import pytest  # noqa: E402
 from paralab.core.config import RunConfig  # noqa: E402
 from paralab.core.events import RunEnded, StepDone, read_events  # noqa: E402
-from paralab.gui.main_window import MainWindow  # noqa: E402
 from paralab.gui.style import is_dark  # noqa: E402
-from PySide6.QtCore import QSettings  # noqa: E402
 from PySide6.QtWidgets import QApplication, QPushButton  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -40,16 +38,6 @@ def _mode() -> tuple[str, int]:
 
 
 MODE, DEVICES = _mode()
-
-
-@pytest.fixture
-def window(qtbot, tmp_path):
-    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-    w = MainWindow(settings=settings)
-    qtbot.addWidget(w)
-    w.show()
-    yield w
-    w.controller.shutdown()  # a failed test must not leave a run behind
 
 
 def fill(panel, *, memory="24GiB", steps=1_000_000, width=16, depth=1, batch=8, mode=MODE, devices=DEVICES):

@@ -18,16 +18,6 @@ from tests.gui.test_app import alive, fill  # noqa: E402
 START_S = 120
 
 
-@pytest.fixture
-def window(qtbot, tmp_path):
-    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-    w = MainWindow(settings=settings)
-    qtbot.addWidget(w)
-    w.show()
-    yield w
-    w.controller.shutdown()
-
-
 def test_open_shows_a_sentence_for_every_hostile_file(window, tmp_path):
     w = window
     before = w.panel.config()

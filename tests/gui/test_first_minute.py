@@ -33,17 +33,6 @@ from PySide6.QtWidgets import QApplication  # noqa: E402
 GiB, MIB = 2**30, 2**20
 
 
-@pytest.fixture
-def window(qtbot, tmp_path):
-    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-    w = MainWindow(settings=settings)
-    qtbot.addWidget(w)
-    w.show()
-    yield w
-    w.panel.shutdown()
-    w.controller.shutdown()
-
-
 def start_event(n, capacity=GiB):
     devices = [{"index": i, "label": f"sim{i}", "kind": "sim", "capacity_bytes": capacity, "description": ""}
                for i in range(n)]
