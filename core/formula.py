@@ -167,17 +167,14 @@ def _chunks(batch: int, n: int) -> list[range]:
 def _sharded_bytes(cfg: RunConfig, n: int, dim_of: Any) -> list[int]:
     """Parameter bytes of each rank when every parameter is cut along the dim
     `dim_of(name, shape)` gives (None: kept whole), padded as torch.chunk cuts."""
-    from .models import build_model
-
-    model = build_model(cfg.model, 0, device="meta")
     out = [0] * n
-    for name, p in model.named_parameters():
-        shape, dim = tuple(p.shape), dim_of(name, tuple(p.shape))
+    for name, shape in named_shapes(cfg.model):
+        dim, numel = dim_of(name, shape), math.prod(shape)
         if dim is None or dim >= len(shape):
             for r in range(n):
-                out[r] += p.numel() * FLOAT
+                out[r] += numel * FLOAT
             continue
-        rest = p.numel() // shape[dim]
+        rest = numel // shape[dim]
         for r in range(n):
             # FSDP pads every shard to the largest (dim 0); DTensor keeps its chunk's size.
             rows = -(-shape[dim] // n) if dim == 0 and cfg.mode == "fsdp" else chunk_len(shape[dim], n, r)
@@ -194,6 +191,15 @@ def _tensor_parallel_dim(name: str, shape: tuple[int, ...]) -> int | None:
     if leaf in ("fc2", "out", "down"):
         return 1 if name.endswith("weight") else None
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def named_shapes(model: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Every parameter's name and shape, from a model on the meta device: asked on each
+    edit of the form (the run's preflight), so built once per model."""
+    from .models import build_model
+
+    return tuple((name, tuple(p.shape)) for name, p in build_model(model, 0, device="meta").named_parameters())
 
 
 @functools.lru_cache(maxsize=8)
