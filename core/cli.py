@@ -51,7 +51,9 @@ def load_config(args: argparse.Namespace, check: bool = True) -> RunConfig:
         cfg = cfg.with_overrides(getattr(args, "overrides", []) or [])
     except ConfigError as e:
         raise BadInput(str(e)) from None
-    problems = cfg.validate() if check else []
+    from . import validation  # imports torch: not for --help
+
+    problems = validation.problems(cfg) if check else []
     if problems:
         raise BadInput("\n".join(problems))
     return cfg

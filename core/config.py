@@ -3,8 +3,8 @@
 Every field has a docstring (the string literal under it); the GUI turns them into
 tooltips and the CLI into `--set` help.  Nothing else in paralab parses user input:
 values arrive here as text (`--set train.lr=0.01`, a TOML file, a form field), are
-converted with `coerce`, and `validate` returns every problem as a sentence a person
-can act on.
+converted with `coerce`, and `core.validation.problems` returns every problem as a
+sentence a person can act on.
 """
 
 from __future__ import annotations
@@ -18,15 +18,6 @@ from typing import Any
 
 import tomllib
 
-MODES = (
-    "single",
-    "data-parallel",
-    "model-parallel",
-    "ddp",
-    "pipeline",
-    "fsdp",
-    "tensor-parallel",
-)
 MODELS = ("linear", "split-nn", "mlp", "transformer")
 DATASETS = ("auto", "regression", "constant-target", "teacher", "tokens")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -242,14 +233,6 @@ class RunConfig:
         for key, value in items:
             config = set_value(config, key, value)
         return config
-
-    # ---- checking --------------------------------------------------------------------------
-
-    def validate(self, *, resolve_devices: bool = True) -> list[str]:
-        """Every problem with this config, each a sentence a person can act on."""
-        from .validation import problems
-
-        return problems(self, resolve_devices=resolve_devices)
 
 
 # ---- dotted keys -----------------------------------------------------------------------------

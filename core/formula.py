@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import ModelConfig, RunConfig
 from .devices import Device
-from .estimate import DeviceEstimate
+from .predicted import DeviceEstimate
 
 FLOAT = 4  # paralab trains in float32
 LONG = 8

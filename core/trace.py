@@ -24,30 +24,32 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import parallel
+from .clock import OpLog
 from .config import RunConfig
 from .devices import Device
-from .estimate import DeviceEstimate, EstimateError
 from .formula import chunk_len, meta_shapes
+from .gpus import gpu_models
+from .memory import MemoryLedger
+from .modes import mode
+from .predicted import DeviceEstimate, EstimateError
+from .recorder import Recorder
+from .schedule import ScheduleError, idle, schedule
+from .strategy import Probe, RankContext, RankJob, local_devices
 
 TRACE_STEPS = 2  # step 2 has what every later step has: last step's grads and the optimizer state
-# Modes whose ranks run the same code on their own shard or share of the batch: ranks whose
-# tensors have the same sizes give the same trace, so only distinct ones are traced.
-SYMMETRIC = ("ddp", "fsdp", "tensor-parallel")
-
 _trace_lock = threading.Lock()  # the fake process group and the ledger's key are process-wide
 
 
 def trace(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
-    from .parallel import STRATEGIES, world_size
-
-    world = world_size(cfg.mode, len(devices))
-    distributed = STRATEGIES[cfg.mode].one_process_per_device
+    world = mode(cfg.mode).world_size(len(devices))
+    distributed = mode(cfg.mode).one_process_per_device
     # Room without limit, so the trace runs to its peak; capacity is compared afterwards.
     roomy = [dataclasses.replace(d, kind="sim", capacity_bytes=2**62, gpu=None, share=1) for d in devices]
     found: dict[int, tuple[dict[str, int], int, str]] = {}
     logs: dict[int, list] = {}
     try:  # imported before any patching, so the module binds the real torch classes
-        module = importlib.import_module(f"{__package__}.parallel.{STRATEGIES[cfg.mode].module}")
+        module = importlib.import_module(f"{__package__}.parallel.{mode(cfg.mode).module}")
     except ModuleNotFoundError as e:
         raise EstimateError(f"mode {cfg.mode} has no strategy to trace yet: {e}") from None
     with _trace_lock, _fake_tensors(), _stand_ins(module):
@@ -77,8 +79,6 @@ def trace(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
 def _lay_out(logs: dict[int, list]) -> Any:
     """The traced step's ops of every rank on modelled GPU streams, as a run lays out a
     sampled step (core.schedule); None where there is no GPU model or they do not pair up."""
-    from .schedule import ScheduleError, schedule
-
     if not logs:
         return None
     try:
@@ -89,8 +89,6 @@ def _lay_out(logs: dict[int, list]) -> Any:
 
 def _modelled(tl: Any, device: int) -> dict[str, Any]:
     """One device's modelled step: its time, busy share and spans (phase, start, end)."""
-    from .schedule import idle
-
     compute = tl.compute.get(device, [])
     spans = [*compute, *(("idle", s, e) for s, e in idle(compute, tl.step_s)),
              *(("communication", s, e) for _, s, e, _, _ in tl.comm.get(device, []))]
@@ -104,9 +102,9 @@ def rank_groups(cfg: RunConfig, world: int) -> list[list[int]]:
     In the symmetric modes a rank's tensors differ from another's only by the shard sizes,
     and DTensor and FSDP cut a dim the way torch.chunk does: ranks with the same chunk
     sizes along dims 0 and 1 of every parameter run the same program on the same shapes."""
-    if cfg.mode not in SYMMETRIC or world == 1:
+    if not mode(cfg.mode).symmetric or world == 1:
         return [[r] for r in range(world)]
-    if cfg.mode == "ddp":
+    if mode(cfg.mode).splits == "batch":
         return [list(range(world))]  # full replicas, equal slices of the batch
     shapes = [s for layer in meta_shapes(cfg.model) for s in layer]
     groups: dict[tuple, list[int]] = {}
@@ -120,21 +118,15 @@ def _trace_rank(cfg: RunConfig, devices: list[Device], rank: int, world: int,
                 distributed: bool, logs: dict[int, list]) -> dict[int, tuple[dict[str, int], int, str]]:
     """One rank's setup and first steps, as worker._run does them, on fake tensors; the
     last step's ops, costed on the GPU model (sim.gpu), go into `logs`."""
-    from . import worker
-    from .clock import OpLog, gpu_models
-    from .memory import MemoryLedger
-    from .parallel import STRATEGIES
-    from .recorder import Recorder
-
-    job = worker.RankJob(cfg.to_dict(), devices, rank, world, time.perf_counter(), os.getpid())
-    local = worker._local_devices(job, cfg)
+    job = RankJob(cfg.to_dict(), devices, rank, world, time.perf_counter(), os.getpid())
+    local = local_devices(job, cfg)
     ledger = MemoryLedger(local)
-    ctx = worker.RankContext(job, cfg, local, ledger)
+    ctx = RankContext(job, cfg, local, ledger)
     best: dict[int, tuple[int, dict[str, int], str]] = {d.index: (-1, {}, "") for d in local}
     with _fake_world(rank, world, distributed) as group:
         ctx.group = group
-        probe = worker.Probe(ctx)
-        trainer = STRATEGIES[cfg.mode].apply(ctx)
+        probe = Probe(ctx)
+        trainer = parallel.apply(ctx)
         gpu = gpu_models().get(cfg.sim.gpu)
         last = min(TRACE_STEPS, cfg.train.steps)
         for step in range(1, last + 1):

@@ -6,16 +6,13 @@ batch × layers) is checked here once, so no strategy has to.
 
 from __future__ import annotations
 
-from .config import DATASETS, MODELS, MODES, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig, shown
+from . import devices
+from .config import DATASETS, MODELS, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig, shown
 from .data import data_kind
+from .gpus import gpu_models
 from .models import num_layers
+from .modes import MODES, REGISTRY
 
-# Modes that split the global batch evenly over the devices.
-BATCH_SPLITTING = ("ddp", "fsdp")
-LAYER_SPLITTING = ("model-parallel", "pipeline")
-# On one shared GPU the ranks talk through gloo, which runs only all-reduce and broadcast
-# on CUDA tensors: DDP and tensor parallel need no more; these need what it lacks.
-GLOO_CUDA_UNSUPPORTED = ("pipeline", "fsdp")
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 10**12
 MAX_SIZE = 10**12
@@ -46,8 +43,6 @@ def problems(cfg: RunConfig, *, resolve_devices: bool = True) -> list[str]:
     need(t.log_every >= 1, f"train.log_every must be at least 1, not {t.log_every}")
     need(cfg.sim.memory >= 2**20, f"sim.memory {int(cfg.sim.memory)} bytes is too small; give at least 1MiB, e.g. 24GiB")
     if cfg.sim.gpu != "host":
-        from .clock import gpu_models
-
         known = gpu_models()
         need(cfg.sim.gpu in known, f"sim.gpu {cfg.sim.gpu[:40]!r} is not a GPU model paralab knows; "
              f"use one of {', '.join(sorted(known))} or 'host' (the CPU's own time)")
@@ -91,8 +86,6 @@ def problems(cfg: RunConfig, *, resolve_devices: bool = True) -> list[str]:
 
 
 def _device_count(cfg: RunConfig, resolve_devices: bool, out: list[str]) -> int | None:
-    from . import devices
-
     try:
         if resolve_devices:
             return len(devices.resolve(cfg.devices, cfg.sim.memory))
@@ -104,29 +97,27 @@ def _device_count(cfg: RunConfig, resolve_devices: bool, out: list[str]) -> int 
 
 
 def _shares_a_gpu(spec: str) -> bool:
-    from .devices import parse_spec
-
-    parsed = parse_spec(spec)
+    parsed = devices.parse_spec(spec)
     return parsed.kind == "cuda" and parsed.share > 1
 
 
 def layout_problems(cfg: RunConfig, n: int) -> list[str]:
     """Mode × devices × batch × layers, for n logical devices."""
     out: list[str] = []
-    t, mode = cfg.train, cfg.mode
+    t, mode, known = cfg.train, cfg.mode, REGISTRY[cfg.mode]
     layers = num_layers(cfg.model)
-    if mode in GLOO_CUDA_UNSUPPORTED and n > 1 and _shares_a_gpu(cfg.devices):
+    if not known.gloo_cuda and n > 1 and _shares_a_gpu(cfg.devices):
         out.append(f"{mode} cannot run on logical devices that share one GPU ({cfg.devices}): NCCL will not "
                    "put two ranks on one GPU, and gloo has no CUDA "
                    + ("send/receive" if mode == "pipeline" else "all-gather/reduce-scatter")
                    + "; use distinct GPUs (cuda:0,1) or simulated devices (sim:N)")
     if mode == "single" and n != 1:
         out.append(f"mode single runs on one device, but devices {shown(cfg.devices)} names {n}; use sim:1 or cuda:0")
-    if mode in BATCH_SPLITTING and t.batch_size % n:
+    if known.batch_evenly and t.batch_size % n:
         out.append(f"batch size {t.batch_size} does not split over {n} devices; use a multiple of {n}")
     if mode == "data-parallel" and t.batch_size < n:
         out.append(f"batch size {t.batch_size} leaves some of the {n} devices without samples; use at least {n}")
-    if mode in LAYER_SPLITTING:
+    if known.splits == "layers":
         split = cfg.placement.split
         if split:
             if len(split) != n:

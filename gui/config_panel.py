@@ -2,7 +2,7 @@
 
 The form never parses anything itself: every field's value goes through
 `config.set_value` (the same conversion the CLI's --set and TOML files use), and the
-problems shown are the sentences of `RunConfig.validate()`.  The predicted memory per
+problems shown are the sentences of `validation.problems(cfg)`.  The predicted memory per
 device comes from `core.estimate`, computed in a background thread after the settings
 have been still for a moment.
 """
@@ -38,11 +38,10 @@ from PySide6.QtWidgets import (
 )
 
 from ..core import devices as core_devices
-from ..core import preflight
+from ..core import preflight, validation
 from ..core.config import (
     DATASETS,
     MODELS,
-    MODES,
     OPTIMIZERS,
     SCHEDULES,
     ConfigError,
@@ -54,33 +53,9 @@ from ..core.config import (
     shown,
 )
 from ..core.models import layer_names, split_layers
+from ..core.modes import MODES, REGISTRY
 from .prediction import PredictionProcess
 
-# Two lines per mode: what it does, then what to watch while it runs.
-MODE_NOTES = {
-    "single": ("One device trains the whole model: the baseline every other mode must match.",
-               "Watch: the loss curve the other modes reproduce, and one device's memory by category."),
-    "data-parallel": ("nn.DataParallel, as in the seed: one process copies the model to every device "
-                      "each step and splits the batch.",
-                      "Watch: device 0 gathers outputs and gradients, so its memory stands above the rest."),
-    "model-parallel": ("The naive split, as in the seed: consecutive layers live on different devices "
-                       "and activations hop between them.",
-                       "Watch the timeline: only one device computes at a time, the others idle."),
-    "ddp": ("DistributedDataParallel: one process per device, each with the whole model and its "
-            "share of the batch.",
-            "Watch: equal memory on every device, and all-reduce (communication) during backward."),
-    "pipeline": ("Pipeline: layers in stages on the devices; micro-batches flow through them "
-                 "(GPipe or 1F1B).",
-                 "Watch the timeline's idle bubbles shrink with more micro-batches; 1F1B holds fewer activations."),
-    "fsdp": ("FSDP2: parameters, gradients and optimizer state are sharded over the devices and "
-             "gathered layer by layer when needed.",
-             "Watch: params, grads and optimizer memory divided by the device count, against DDP."),
-    "tensor-parallel": ("Tensor parallel (DTensor): every layer's weight matrices are split over "
-                        "the devices.",
-                        "Watch: params per device shrink; communication appears inside forward and backward."),
-}
-
-LAYER_MODES = ("model-parallel", "pipeline")
 # The form's own words for the config keys its fields set: a problem names what a person
 # sees ("Capacity each"), not the dotted key a file or --set would use ("sim.memory").
 FIELD_LABELS = {
@@ -470,7 +445,7 @@ class ConfigPanel(QWidget):
                 errors.append(str(e))
                 self._mark(key, True)
         cfg = self._with_split(cfg)
-        problems = [in_form_words(p) for p in (errors or cfg.validate() or self._cannot_hold(cfg))]
+        problems = [in_form_words(p) for p in (errors or validation.problems(cfg) or self._cannot_hold(cfg))]
         self._config = None if errors else cfg
         self._problems = problems
         self._refresh(cfg)
@@ -510,8 +485,8 @@ class ConfigPanel(QWidget):
 
     def _refresh(self, cfg: RunConfig) -> None:
         mode, kind = cfg.mode, cfg.model.kind
-        notes = MODE_NOTES.get(mode)
-        self.mode_notes.setText("\n".join(notes) if notes else "")
+        known = REGISTRY.get(mode)
+        self.mode_notes.setText(f"{known.note}\n{known.watch}" if known else "")
         big = kind in ("mlp", "transformer")
         for key in ("model.width", "model.depth"):
             self._spins[key].setEnabled(big)
@@ -523,8 +498,9 @@ class ConfigPanel(QWidget):
         self.sim_count.setEnabled(self.dev_sim.isChecked())
         self.memory.setEnabled(not self.dev_gpu.isChecked())
         self.share_count.setEnabled(self.share.isChecked())
-        self.placement_box.setVisible(mode in LAYER_MODES)
-        if mode in LAYER_MODES:
+        by_layers = known is not None and known.splits == "layers"
+        self.placement_box.setVisible(by_layers)
+        if by_layers:
             self._fill_placement(cfg)
         if self._problems:
             self.problems_label.setText("\n".join(f"• {p}" for p in self._problems))

@@ -1,34 +1,22 @@
-"""One module per parallelism mode, each an `apply_*` function.
+"""One module per parallelism mode, each an `apply_*` function, and what they share.
 
 `apply_*(ctx)` takes the rank's context (config, devices, rank, ledger) and returns a
-Trainer: the function that runs one training step and the optimizers it steps.  The
-training loop around it (control, sampling, events) is the same for every mode and
-lives in `core.worker`.
+Trainer: the function that runs one training step and the optimizers it steps (the API
+is core.strategy; what each mode is, core.modes).  The training loop around it (control,
+sampling, events) is the same for every mode and lives in `core.worker`.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import RunConfig, TrainConfig
 from ..models import loss_fn, stream_layers
-
-if TYPE_CHECKING:
-    from ..worker import Probe, RankContext
-
-
-@dataclass
-class Trainer:
-    step: Callable[[int, Probe], torch.Tensor | None]
-    """Runs training step `step` (1-based); returns the loss (or None on a rank that has none)."""
-    optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
-    summary: Callable[[], str] | None = None
-    """What the model learned, in words, for the end of the run (small models only)."""
+from ..modes import mode
+from ..strategy import Probe, RankContext, Trainer
 
 
 def learned_line(model: torch.nn.Module) -> Callable[[], str] | None:
@@ -43,33 +31,10 @@ def learned_line(model: torch.nn.Module) -> Callable[[], str] | None:
     return line
 
 
-@dataclass(frozen=True)
-class Strategy:
-    module: str
-    """Module under core.parallel that defines `apply_<module>`."""
-    one_process_per_device: bool
-    """True: one rank per logical device (torch.distributed); False: one process drives all."""
-    loss_from_last_rank: bool = False
-    """True: only the last rank has the loss (pipeline); False: the loss is the mean over ranks."""
-
-    def apply(self, ctx: RankContext) -> Trainer:
-        mod = importlib.import_module(f"{__name__}.{self.module}")
-        return getattr(mod, f"apply_{self.module}")(ctx)
-
-
-STRATEGIES: dict[str, Strategy] = {
-    "single": Strategy("single", one_process_per_device=False),
-    "data-parallel": Strategy("data_parallel", one_process_per_device=False),
-    "model-parallel": Strategy("model_parallel", one_process_per_device=False),
-    "ddp": Strategy("ddp", one_process_per_device=True),
-    "pipeline": Strategy("pipeline", one_process_per_device=True, loss_from_last_rank=True),
-    "fsdp": Strategy("fsdp", one_process_per_device=True),
-    "tensor-parallel": Strategy("tensor_parallel", one_process_per_device=True),
-}
-
-
-def world_size(mode: str, n_devices: int) -> int:
-    return n_devices if STRATEGIES[mode].one_process_per_device else 1
+def apply(ctx: RankContext) -> Trainer:
+    """The Trainer of the config's mode: `apply_<module>(ctx)` from its own module."""
+    module = mode(ctx.cfg.mode).module
+    return getattr(importlib.import_module(f"{__name__}.{module}"), f"apply_{module}")(ctx)
 
 
 def standard_step(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, probe: Probe,

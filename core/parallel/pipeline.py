@@ -23,7 +23,8 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from ..data import make_dataset
 from ..models import build_model, loss_fn, num_layers, split_layers, stream_layers
-from . import Trainer, make_optimizer
+from ..strategy import Trainer
+from . import make_optimizer
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 

@@ -26,7 +26,8 @@ from torch.distributed.tensor.parallel import (
 
 from ..data import make_dataset
 from ..models import ResidualMLPBlock, TransformerBlock, build_model
-from . import Trainer, make_optimizer, materialise, standard_step
+from ..strategy import Trainer
+from . import make_optimizer, materialise, standard_step
 
 
 def _plan(block):

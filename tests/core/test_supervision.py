@@ -147,7 +147,7 @@ def test_rank_exception_is_reported(kind, no_leftover_ranks):
 
 
 def _pretend_rank(seconds: float) -> None:
-    from paralab.core.worker import RANK_NAME, name_process
+    from paralab.core.lifeline import RANK_NAME, name_process
 
     name_process(f"{RANK_NAME}7")
     time.sleep(seconds)
