@@ -143,6 +143,18 @@ class PlacementConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class MeshConfig:
+    dp: int = 1
+    """mode=mesh: replicas of the model (data parallel); with mesh.shard > 1 this is HSDP's replicate axis."""
+    shard: int = 1
+    """mode=mesh: devices each parameter, gradient and optimizer state is sharded over (FSDP)."""
+    tp: int = 1
+    """mode=mesh: devices each block's weight matrices are split over (tensor parallel)."""
+    pp: int = 1
+    """mode=mesh: pipeline stages (consecutive layers per stage; train.micro_batches flow through)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SimConfig:
     memory: Bytes = Bytes(24 * 2**30)
     """Memory capacity of each simulated device, e.g. 24GiB. Simulated devices compute on the CPU; only this capacity is made up."""
@@ -163,7 +175,7 @@ class TelemetryConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RunConfig:
     mode: str = "single"
-    """Parallelism mode: single, data-parallel, model-parallel, ddp, pipeline, fsdp or tensor-parallel."""
+    """Parallelism mode: single, data-parallel, model-parallel, ddp, pipeline, fsdp, tensor-parallel, or mesh (the mesh.* degrees composed)."""
     devices: str = "auto"
     """Devices: 'auto' (every GPU, or sim:2 without one), 'sim:N' (N simulated devices), 'cuda:0,1' (those GPUs), 'cuda:0xN' (N logical devices sharing GPU 0)."""
     seed: int = 0
@@ -176,6 +188,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 

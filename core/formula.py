@@ -155,8 +155,49 @@ def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
             fwd = device(p, in_flight, layers, grads=grads, acts=acts, other=buffers)
             bwd = device(p, 0, layers, acts=0, other=buffers)
             out.append(max(fwd, bwd, key=lambda b: sum(b.values())))
+    elif mode == "mesh":
+        out = [_mesh_device(cfg, sh, r, device) for r in range(n)]
     return [DeviceEstimate(d.index, d.label, sum(b.values()), b, d.capacity_bytes, "formula")
             for d, b in zip(devices, out)]
+
+
+def _mesh_device(cfg: RunConfig, sh: Shapes, rank: int, device: Any) -> dict[str, int]:
+    """One rank of a composed mesh: its stage's layers (pp), each block's tp slice, that
+    sharded over `shard` (padded as FSDP pads), its share of the batch (dp × shard) with
+    the pipeline's micro-batches in flight; a block's split activations divided by tp."""
+    from .models import split_layers
+    from .plan import Plan
+
+    t, plan = cfg.train, Plan.of(cfg, 0)
+    at = plan.coordinate(rank)
+    stage, ways = at["pp"], plan.batch_ways
+    layers = split_layers(len(sh.params), plan.pp, cfg.placement.split)[stage]
+    first, last = stage == 0, stage == plan.pp - 1
+    params, largest = 0, 0
+    for i in layers:
+        held = 0
+        for name, shape in named_shapes(cfg.model):
+            if int(name.split(".")[0]) != i:
+                continue
+            dims = list(shape)
+            dim = _tensor_parallel_dim(name, shape) if plan.tp > 1 else None
+            if dim is not None and dim < len(dims):
+                dims[dim] = chunk_len(dims[dim], plan.tp, at["tp"])
+            whole = math.prod(dims) * FLOAT
+            largest = max(largest, whole) if ways > 1 else 0
+            if plan.shard > 1 and dims:  # FSDP pads dim 0 to a multiple of the shard count
+                whole = -(-dims[0] // plan.shard) * math.prod(dims[1:]) * FLOAT
+            held += whole
+        params += held
+    samples = t.batch_size / ways
+    m = t.micro_batches if plan.pp > 1 else 1
+    in_flight = samples if plan.pp == 1 or t.schedule == "gpipe" else min(m, plan.pp - stage) * samples / m
+    blocks = sum(1 for i in layers if 0 < i < len(sh.params) - 1)
+    split = sh.split * blocks / max(cfg.model.depth, 1) * (1 - 1 / plan.tp)
+    acts = in_flight * (sum(sh.saved[i] for i in layers) - split) + (sh.fixed if first or last else 0)
+    gathered = (2 * largest if cfg.placement.reshard_after_forward else params * plan.shard + largest) if ways > 1 else 0
+    other = in_flight * sh.unsaved if last else samples * sh.out[layers.stop - 1]
+    return device(params, in_flight, layers, acts=acts, other=other, temps=gathered)
 
 
 def _chunks(batch: int, n: int) -> list[range]:

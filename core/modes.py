@@ -21,15 +21,13 @@ class Mode:
     splits: str
     """What it divides over the devices: nothing, batch (replicas, each a share of the
     batch), layers (consecutive layers per device), parameters (shards, gathered when
-    used) or tensors (each weight matrix cut)."""
+    used), tensors (each weight matrix cut) or composed (the mesh's axes, core.plan)."""
     note: str
     """What it does, in the panel's words."""
     watch: str
     """What to look at while it runs."""
     axis: str = ""
     """The device-mesh axis it is the one-axis shortcut of (dp, shard, tp, pp); '' none."""
-    loss_from_last_rank: bool = False
-    """Only the last rank has the loss (the pipeline's last stage); else the mean over ranks."""
     symmetric: bool = False
     """Ranks run the same program on their own shard or share of the batch: ranks whose
     tensors have the same sizes trace the same, so the estimate traces one of each."""
@@ -63,7 +61,7 @@ REGISTRY: dict[str, Mode] = {m.name: m for m in (
     Mode("pipeline", "pipeline", True, "layers",
          "Pipeline: layers in stages on the devices; micro-batches flow through them (GPipe or 1F1B).",
          "Watch the timeline's idle bubbles shrink with more micro-batches; 1F1B holds fewer activations.",
-         axis="pp", loss_from_last_rank=True, gloo_cuda=False),
+         axis="pp", gloo_cuda=False),
     Mode("fsdp", "fsdp", True, "parameters",
          "FSDP2: parameters, gradients and optimizer state are sharded over the devices and gathered "
          "layer by layer when needed.",
@@ -73,6 +71,11 @@ REGISTRY: dict[str, Mode] = {m.name: m for m in (
          "Tensor parallel (DTensor): every layer's weight matrices are split over the devices.",
          "Watch: params per device shrink; communication appears inside forward and backward.",
          axis="tp", symmetric=True),
+    Mode("mesh", "mesh", True, "composed",
+         "A device mesh: the axes of mesh.pp, mesh.dp, mesh.shard and mesh.tp composed — pipeline "
+         "stages outermost, then replicas, shards, and tensor-parallel splits innermost.",
+         "Watch: each axis divides what it divides — shard and tp the parameters, dp and shard "
+         "the batch, pp the layers — and adds its own communication.", gloo_cuda=False),
 )}
 
 MODES = tuple(REGISTRY)

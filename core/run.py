@@ -30,6 +30,7 @@ from .devices import Device, parse_spec, resolve
 from .events import Event, RunEnded, RunStarted, StepDone
 from .eventsfile import EventsFile, any_problem
 from .modes import REGISTRY, mode
+from .plan import Plan
 from .strategy import RankJob
 from .telemetry import Sampler
 
@@ -264,7 +265,8 @@ class _Supervisor:
         self.steps_done = 0
         self.store: Any = None
         self._store_socket: socket.socket | None = None
-        self.loss_ranks = {run.world - 1} if mode(run.config.mode).loss_from_last_rank else set(range(run.world))
+        # The last pipeline stage has the loss (every rank, without a pipeline): the mean over them.
+        self.loss_ranks = Plan.of(run.config, run.world).loss_ranks() if run.world > 1 else {0}
         self._pending: dict[int, list[tuple[float, float, float]]] = {}
         self._last_step: tuple[int, float] | None = None
         self.vanished: set[int] = set()

@@ -215,24 +215,32 @@ def _fake_tensors() -> Iterator[None]:
 def _stand_ins(module: Any) -> Iterator[None]:
     """What cannot run on fake tensors, replaced in the strategy's module for the trace:
     DistributedDataParallel's reducer is C++ that reads tensor data (_TracedDDP instead),
-    and a device mesh reads its rank map (it is made of real tensors, as in a run)."""
-    from torch.distributed.device_mesh import init_device_mesh
+    and a device mesh reads its rank map (it is made of real tensors, as in a run), also
+    when a mesh is sliced into its axes' groups or FSDP joins one to tensor parallel's."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
     def real_mesh(*args: Any, **kwargs: Any) -> Any:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
         with unset_fake_temporarily():
             return init_device_mesh(*args, **kwargs)
+
+    make_mesh = DeviceMesh.__init__
+
+    def real_make(mesh: Any, *args: Any, **kwargs: Any) -> None:
+        with unset_fake_temporarily():
+            make_mesh(mesh, *args, **kwargs)
 
     swaps = {DistributedDataParallel: _TracedDDP, init_device_mesh: real_mesh}
     names = {n: v for n, v in vars(module).items() if any(v is k for k in swaps)}
     for n, v in names.items():
         setattr(module, n, _this_thread(next(new for old, new in swaps.items() if old is v), v))
+    DeviceMesh.__init__ = _this_thread(real_make, make_mesh)
     try:
         with _pipeline_vote():
             yield
     finally:
+        DeviceMesh.__init__ = make_mesh
         for n, v in names.items():
             setattr(module, n, v)
 

@@ -12,6 +12,7 @@ from .data import data_kind
 from .gpus import gpu_models
 from .models import num_layers
 from .modes import MODES, REGISTRY
+from .plan import Plan, mesh_problems
 
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 10**12
@@ -105,6 +106,10 @@ def layout_problems(cfg: RunConfig, n: int) -> list[str]:
     """Mode × devices × batch × layers, for n logical devices."""
     out: list[str] = []
     t, mode, known = cfg.train, cfg.mode, REGISTRY[cfg.mode]
+    out.extend(mesh_problems(cfg, n))
+    if out:
+        return out
+    plan = Plan.of(cfg, n)
     layers = num_layers(cfg.model)
     if not known.gloo_cuda and n > 1 and _shares_a_gpu(cfg.devices):
         out.append(f"{mode} cannot run on logical devices that share one GPU ({cfg.devices}): NCCL will not "
@@ -115,29 +120,39 @@ def layout_problems(cfg: RunConfig, n: int) -> list[str]:
         out.append(f"mode single runs on one device, but devices {shown(cfg.devices)} names {n}; use sim:1 or cuda:0")
     if known.batch_evenly and t.batch_size % n:
         out.append(f"batch size {t.batch_size} does not split over {n} devices; use a multiple of {n}")
+    ways = plan.batch_ways
+    if mode == "mesh" and t.batch_size % ways:
+        out.append(f"batch size {t.batch_size} does not split over the {ways} replicas and shards "
+                   f"(mesh.dp × mesh.shard); use a multiple of {ways}")
     if mode == "data-parallel" and t.batch_size < n:
         out.append(f"batch size {t.batch_size} leaves some of the {n} devices without samples; use at least {n}")
-    if known.splits == "layers":
+    stages = n if known.splits == "layers" else plan.pp
+    if stages > 1 or known.splits == "layers":
         split = cfg.placement.split
         if split:
-            if len(split) != n:
-                out.append(f"placement.split gives layers for {len(split)} devices, but the run has {n}")
+            if len(split) != stages:
+                out.append(f"placement.split gives layers for {len(split)} devices, but the run has {stages}"
+                           + (" pipeline stages (mesh.pp)" if mode == "mesh" else ""))
             elif any(c < 1 for c in split):
                 out.append("placement.split must give every device at least one layer")
             elif sum(split) != layers:
                 out.append(f"placement.split places {sum(split)} layers, but model {cfg.model.kind} has {layers}")
-        elif layers < n:
-            out.append(f"model {cfg.model.kind} has {layers} layers: too few for {n} devices "
-                       f"(more stages than layers); use at most {layers} devices or a deeper model")
-    if mode == "pipeline":
-        if t.batch_size % t.micro_batches:
-            out.append(f"batch size {t.batch_size} does not split into {t.micro_batches} micro-batches")
-        if t.schedule == "1f1b" and t.micro_batches < n:
+        elif layers < stages:
+            out.append(f"model {cfg.model.kind} has {layers} layers: too few for {stages} "
+                       + (f"devices (more stages than layers); use at most {layers} devices or a deeper model"
+                          if mode != "mesh" else "pipeline stages (mesh.pp); use a smaller mesh.pp or a deeper model"))
+    if mode == "pipeline" or plan.pp > 1:
+        per_pipeline = t.batch_size // ways if not t.batch_size % ways else t.batch_size
+        if per_pipeline % t.micro_batches:
+            out.append(f"batch size {t.batch_size} does not split into {t.micro_batches} micro-batches"
+                       + (f" per pipeline ({per_pipeline} samples each)" if ways > 1 else ""))
+        if t.schedule == "1f1b" and t.micro_batches < stages:
             # torch's Schedule1F1B refuses it: every stage must have a forward in flight.
-            out.append(f"schedule 1f1b needs at least as many micro-batches as devices; "
-                       f"use train.micro_batches of {n} or more, or the gpipe schedule")
-    if mode == "tensor-parallel":
-        out.extend(_tensor_parallel_problems(cfg, n))
+            out.append("schedule 1f1b needs at least as many micro-batches as "
+                       + ("devices" if mode == "pipeline" else "pipeline stages")
+                       + f"; use train.micro_batches of {stages} or more, or the gpipe schedule")
+    if plan.tp > 1:
+        out.extend(_tensor_parallel_problems(cfg, plan.tp))
     return out
 
 

@@ -72,12 +72,14 @@ def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=train.lr, foreach=foreach)
 
 
-def materialise(model: torch.nn.Module, cfg: RunConfig, device: str | torch.device) -> None:
+def materialise(model: torch.nn.Module, cfg: RunConfig, device: str | torch.device,
+                layers: range | None = None) -> None:
     """Give a model that was built on the meta device and then sharded (FSDP2, DTensor)
     its storage on `device` and build_model's values, keeping only this rank's shards:
     each layer is made whole on the CPU one at a time (models.stream_layers) and the
     rank's slice of each tensor copied in, as torchtitan initialises a sharded model.
-    So a rank never holds the whole model, only its shards and one layer."""
+    So a rank never holds the whole model, only its shards and one layer.  `layers`: the
+    model's layers are these of build_model's (a pipeline stage's), not all of them."""
     from torch._guards import active_fake_mode
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -87,8 +89,11 @@ def materialise(model: torch.nn.Module, cfg: RunConfig, device: str | torch.devi
         return  # a trace on fake tensors: shapes are all it needs
     with torch.no_grad():
         for i, whole in stream_layers(cfg.model, cfg.seed):
+            if layers is not None and i not in layers:
+                continue
             source = {**dict(whole.named_parameters()), **dict(whole.named_buffers())}
-            for name, t in [*model[i].named_parameters(), *model[i].named_buffers()]:
+            mine = model[i - (layers.start if layers is not None else 0)]
+            for name, t in [*mine.named_parameters(), *mine.named_buffers()]:
                 value = source[name]
                 if isinstance(t, DTensor):
                     shape, offset = compute_local_shape_and_global_offset(value.shape, t.device_mesh, t.placements)

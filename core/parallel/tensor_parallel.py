@@ -30,7 +30,8 @@ from ..strategy import Trainer
 from . import make_optimizer, materialise, standard_step
 
 
-def _plan(block):
+def tp_plan(block):
+    """How one layer is split: a block by columns then rows; None for an end layer (kept whole)."""
     if isinstance(block, ResidualMLPBlock):
         return {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
     if isinstance(block, TransformerBlock):
@@ -46,7 +47,7 @@ def apply_tensor_parallel(ctx) -> Trainer:
     mesh = init_device_mesh("cuda" if device.kind == "cuda" else "cpu", (ctx.world,))
     model = build_model(cfg.model, cfg.seed, device="meta")  # sharded on meta, then materialised
     for block in model:
-        plan = _plan(block)
+        plan = tp_plan(block)
         if plan:
             parallelize_module(block, mesh, plan)
     materialise(model, cfg, device.torch_device)
