@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import parallel
+from . import parallel, recorder
 from .clock import OpLog
 from .config import RunConfig
 from .devices import Device
@@ -219,6 +219,7 @@ def _stand_ins(module: Any) -> Iterator[None]:
     when a mesh is sliced into its axes' groups or FSDP joins one to tensor parallel's."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
     from torch.nn.parallel import DistributedDataParallel
 
     def real_mesh(*args: Any, **kwargs: Any) -> Any:
@@ -226,6 +227,13 @@ def _stand_ins(module: Any) -> Iterator[None]:
             return init_device_mesh(*args, **kwargs)
 
     make_mesh = DeviceMesh.__init__
+    # DTensor infers an op's global output shape by running it on global-shape tensors of
+    # the active fake mode, the trace's own (a run's are its own mode's): not device work.
+    infer = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def quiet_infer(*args: Any, **kwargs: Any) -> Any:
+        with recorder.quiet():
+            return infer(*args, **kwargs)
 
     def real_make(mesh: Any, *args: Any, **kwargs: Any) -> None:
         with unset_fake_temporarily():
@@ -236,11 +244,13 @@ def _stand_ins(module: Any) -> Iterator[None]:
     for n, v in names.items():
         setattr(module, n, _this_thread(next(new for old, new in swaps.items() if old is v), v))
     DeviceMesh.__init__ = _this_thread(real_make, make_mesh)
+    ShardingPropagator._propagate_tensor_meta_non_cached = _this_thread(quiet_infer, infer)
     try:
         with _pipeline_vote():
             yield
     finally:
         DeviceMesh.__init__ = make_mesh
+        ShardingPropagator._propagate_tensor_meta_non_cached = infer
         for n, v in names.items():
             setattr(module, n, v)
 

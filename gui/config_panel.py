@@ -54,6 +54,7 @@ from ..core.config import (
 )
 from ..core.models import layer_names, split_layers
 from ..core.modes import MODES, REGISTRY
+from ..core.plan import AXES, Plan
 from .prediction import PredictionProcess
 
 # The form's own words for the config keys its fields set: a problem names what a person
@@ -66,6 +67,8 @@ FIELD_LABELS = {
     "train.lr": "Learning rate", "train.steps": "Steps", "seed": "Seed",
     "placement.split": "Which device holds which layers",
     "placement.reshard_after_forward": "Reshard after forward",
+    **{f"mesh.{axis}": label for axis, label in (("pp", "Pipeline stages"), ("dp", "Replicas"),
+                                                 ("shard", "Shards"), ("tp", "Tensor parallel"))},
 }
 # Only dotted keys: "mode", "seed" and "devices" are also plain words of the sentences.
 _KEY = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(FIELD_LABELS, key=len, reverse=True)
@@ -228,6 +231,16 @@ class ConfigPanel(QWidget):
 
         lay.addWidget(self._build_devices())
 
+        # Degrees per mesh axis (mode=mesh), outermost first, with their product inline
+        self.mesh_box = QGroupBox("Devices per mesh axis")
+        mf = QFormLayout(self.mesh_box)
+        self._spins: dict[str, QSpinBox] = {}
+        for axis in ("pp", "dp", "shard", "tp"):
+            mf.addRow(f"{FIELD_LABELS[f'mesh.{axis}']} ({axis})", self._spin(f"mesh.{axis}", 1, 4096))
+        self.mesh_product = QLabel(objectName="meshProduct", wordWrap=True)
+        mf.addRow(self.mesh_product)
+        lay.addWidget(self.mesh_box)
+
         # Placement of layers (model-parallel and pipeline)
         self.placement_box = QGroupBox("Which device holds which layers")
         pl = QVBoxLayout(self.placement_box)
@@ -250,7 +263,6 @@ class ConfigPanel(QWidget):
         self.model_kind = self._combo(MODELS, "model.kind")
         self.data_kind = self._combo(DATASETS, "data.kind")
         form.addRow("Model", self.model_kind)
-        self._spins: dict[str, QSpinBox] = {}
         for key, label, lo, hi in (("model.width", "Width", 1, 65536), ("model.depth", "Depth", 1, 1024),
                                    ("model.heads", "Heads", 1, 1024), ("model.seq_len", "Sequence length", 1, 65536),
                                    ("model.vocab", "Vocabulary", 2, 1 << 20)):
@@ -452,6 +464,16 @@ class ConfigPanel(QWidget):
         self.config_changed.emit(self._config, problems)
         self._schedule_estimate()
 
+    def _mesh_product(self, cfg: RunConfig) -> str:
+        """'pp 2 × tp 2 = 4 ranks: one per device' — or what the devices are short of."""
+        plan = Plan.of(cfg, 0)
+        n = self._device_count(cfg)
+        used = " × ".join(f"{a} {getattr(plan, a)}" for a in AXES if getattr(plan, a) > 1) or "every axis 1"
+        if n is None:
+            return f"{used} = {plan.world} ranks"
+        verdict = "one per device" if plan.world == n else f"but {n} device{'s' if n != 1 else ''} are chosen"
+        return f"{used} = {plan.world} rank{'s' if plan.world != 1 else ''}: {verdict}"
+
     def _cannot_hold(self, cfg: RunConfig) -> list[str]:
         """What a run would refuse before starting: a simulated device that cannot hold its
         parameters, gradients and optimizer state (shapes only, on the meta device)."""
@@ -492,9 +514,13 @@ class ConfigPanel(QWidget):
             self._spins[key].setEnabled(big)
         for key in ("model.heads", "model.seq_len", "model.vocab"):
             self._spins[key].setEnabled(kind == "transformer")
-        self._spins["train.micro_batches"].setEnabled(mode == "pipeline")
-        self.schedule.setEnabled(mode == "pipeline")
-        self.reshard.setVisible(mode == "fsdp")
+        piped = mode == "pipeline" or (mode == "mesh" and cfg.mesh.pp > 1)
+        self._spins["train.micro_batches"].setEnabled(piped)
+        self.schedule.setEnabled(piped)
+        self.reshard.setVisible(mode == "fsdp" or (mode == "mesh" and cfg.mesh.shard * cfg.mesh.dp > 1))
+        self.mesh_box.setVisible(mode == "mesh")
+        if mode == "mesh":
+            self.mesh_product.setText(self._mesh_product(cfg))
         self.sim_count.setEnabled(self.dev_sim.isChecked())
         self.memory.setEnabled(not self.dev_gpu.isChecked())
         self.share_count.setEnabled(self.share.isChecked())
