@@ -10,7 +10,7 @@ from . import devices
 from .config import DATASETS, MODELS, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig, shown
 from .data import data_kind
 from .gpus import gpu_models
-from .models import num_layers
+from .models import num_layers, split_layers, tensor_splits
 from .modes import MODES, REGISTRY
 from .plan import Plan, mesh_problems
 
@@ -157,16 +157,20 @@ def layout_problems(cfg: RunConfig, n: int) -> list[str]:
 
 
 def _tensor_parallel_problems(cfg: RunConfig, n: int) -> list[str]:
-    m = cfg.model
-    if m.kind in ("linear", "split-nn"):
-        return [f"tensor parallel needs layers wide enough to split; model {m.kind} has none "
-                "(use the mlp or the transformer)"]
+    splits = tensor_splits(cfg.model)
+    if not splits:
+        return [f"tensor parallel needs layers wide enough to split; model {cfg.model.kind} has none "
+                "(use the split-nn, the mlp or the transformer)"]
     out = []
-    if m.kind == "mlp" and (2 * m.width) % n:
-        out.append(f"tensor parallel splits each MLP block's {2 * m.width} hidden units over {n} devices; "
-                   f"use a width whose double is a multiple of {n}")
-    if m.kind == "transformer":
-        if m.heads % n:
-            out.append(f"tensor parallel splits the {m.heads} attention heads over {n} devices; "
-                       f"use a head count that is a multiple of {n}")
+    for split in splits:
+        sentence = (f"tensor parallel splits {split.what} over {n} devices; "
+                    f"use {split.fix.format(n=n)}")
+        if split.units % n and sentence not in out:
+            out.append(sentence)
+    plan = Plan.of(cfg, n)
+    if plan.pp > 1:  # a pair cut across two stages would send a slice, not an activation
+        stages = split_layers(num_layers(cfg.model), plan.pp, cfg.placement.split)
+        if any(not any(s.layers <= set(r) for r in stages) for s in splits):
+            out.append("tensor parallel's column and row halves of a block must sit in one pipeline stage; "
+                       "use another placement.split or a smaller mesh.pp")
     return out

@@ -48,9 +48,7 @@ def apply_mesh(ctx) -> Trainer:
     model = nn.Sequential(*(whole[j] for j in layers))
     # 2. tensor parallel inside each block
     if plan.tp > 1:
-        for block in model:
-            if (split := tp_plan(block)) is not None:
-                parallelize_module(block, mesh["tp"], split)
+        parallelize_module(model, mesh["tp"], tp_plan(cfg.model, layers))
     # 4 before 3: FSDP shards the values it is given, so each rank first copies in its own
     # tensor-parallel slice (never the whole layer beyond one at a time)
     materialise(model, cfg, device.torch_device, layers)
