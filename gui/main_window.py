@@ -40,6 +40,7 @@ from .buffers import RunData
 from .config_panel import ConfigPanel
 from .controller import RunController
 from .dashboard import Dashboard, rate_text
+from .mesh_grid import preview_plan
 from .welcome import Welcome
 
 THEMES = ("light", "dark")
@@ -368,6 +369,8 @@ class MainWindow(QMainWindow):
     # ---- controller signals ----------------------------------------------------------------
 
     def _on_config_changed(self, cfg: RunConfig | None, _problems: list[str]) -> None:
+        if not self.controller.running and self.data.start is None:  # before a run: the form's mesh
+            self.dashboard.devices.set_mesh(preview_plan(cfg))
         if cfg is not None and not self.controller.running:
             self.lr_box.blockSignals(True)  # the toolbar shows the form's rate, not its own minimum
             self.lr_box.setValue(cfg.train.lr)
