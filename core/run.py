@@ -24,7 +24,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from . import hostmem, preflight, remote, validation, worker
+from . import hostmem, log, preflight, remote, validation, worker
 from .config import ConfigError, RunConfig
 from .devices import Device, parse_spec, resolve
 from .events import Event, RunEnded, RunStarted, StepDone
@@ -335,8 +335,8 @@ class _Supervisor:
             backend = "nccl" if len(gpus) == run.world else "gloo"
         for rank in range(run.world):
             job = RankJob(run.config.to_dict(), run.devices, rank, run.world, self.t0, os.getpid(),
-                                 store_port=self.store.port if self.store else 0, backend=backend,
-                                 fault=run.faults.get(rank, ""))
+                          store_port=self.store.port if self.store else 0, backend=backend,
+                          fault=run.faults.get(rank, ""), log_path=str(log.path()))
             reader, writer = run._ctx.Pipe(duplex=False)
             p = run._ctx.Process(target=worker.main, args=(job, writer, run._shared), daemon=True,
                                  name=f"paralab-rank{rank}")

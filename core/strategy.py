@@ -46,6 +46,8 @@ class RankJob:
     """Started by torchrun (core.remote): rendezvous from its environment, controller over a socket."""
     local_world: int = 0
     """Ranks on this machine (torchrun's LOCAL_WORLD_SIZE); 0: all of them."""
+    log_path: str = ""
+    """The controller's log file (core.log): a forkserver's ranks do not see its environment."""
 
 
 class _Mark:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import parallel, recorder
+from . import log, parallel, recorder
 from .clock import OpLog
 from .config import RunConfig
 from .devices import Device
@@ -60,7 +60,9 @@ def trace(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
                 raise
             except Exception as e:
                 detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise EstimateError(f"tracing {cfg.mode} rank {ranks[0]} on fake tensors failed: {detail}") from e
+                sentence = f"tracing {cfg.mode} rank {ranks[0]} on fake tensors failed: {detail}"
+                log.failure(sentence, e)
+                raise EstimateError(sentence) from e
             found.update(got)
             for r in ranks[1:]:  # one device per rank in the symmetric modes
                 found[r] = got[ranks[0]]

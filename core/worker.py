@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
-from . import parallel
+from . import log, parallel
 from .config import RunConfig
 from .devices import Device
 from .events import MemorySample
@@ -200,6 +200,8 @@ def main(job: RankJob, conn: Any, shared: Any, controller_alive: Any = None) -> 
     name_process(f"paralab-rank{job.rank}")
     _set_parent_death_signal()
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    if job.log_path and not job.remote:
+        os.environ["PARALAB_LOG"] = job.log_path
     channel = Channel(conn)
     heartbeat = Heartbeat(job.rank, channel, job.controller_pid, controller_alive)
     heartbeat.start()
@@ -357,7 +359,9 @@ def _failure(job: RankJob, e: BaseException, probe: Probe | None) -> RankDone:
     if isinstance(e, KeyboardInterrupt):
         return RankDone(job.rank, "stopped", "interrupted", device, phase)
     detail = "".join(traceback.format_exception_only(type(e), e)).strip()
-    return RankDone(job.rank, "error", f"rank {job.rank} failed in {phase or 'setup'}: {detail}", device, phase)
+    sentence = f"rank {job.rank} failed in {phase or 'setup'}: {detail}"
+    log.failure(sentence, e)
+    return RankDone(job.rank, "error", sentence, device, phase)
 
 
 def _send_oom_memory(channel: Channel, e: BaseException, probe: Probe | None, done: RankDone) -> None:

@@ -38,7 +38,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..core import devices as core_devices
-from ..core import preflight, validation
+from ..core import log, preflight, validation
 from ..core.config import (
     DATASETS,
     MODELS,
@@ -652,6 +652,7 @@ class ConfigPanel(QWidget):
                 error = str(e)
             except Exception as e:  # noqa: BLE001 -- a failed prediction must not break the form
                 error = f"could not predict: {type(e).__name__}: {e}"
+                log.failure(error, e)
             try:
                 self._estimate_signals.done.emit(generation, result, error)
             except RuntimeError:  # the panel is gone (the app is closing)
