@@ -61,13 +61,15 @@ COMPOSITIONS = [dict(dp=2, tp=2), dict(shard=2, tp=2), dict(dp=2, shard=2), dict
 
 
 @pytest.mark.slow
-def test_every_composition_trains_as_single_does_and_the_estimate_predicts_its_peak():
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
+def test_every_composition_trains_as_single_does_and_the_estimate_predicts_its_peak(model):
     """20 steps of each composition on sim:4: the loss equals single's within 1e-4
     relative (fp32), and the estimate (the trace) is within 5% of each device's peak."""
-    reference = losses(run_events(RunConfig().with_overrides({**MLP, "mode": "single", "devices": "sim:1",
+    base = {"mlp": MLP, "transformer": GPT}[model]
+    reference = losses(run_events(RunConfig().with_overrides({**base, "mode": "single", "devices": "sim:1",
                                                               "train.steps": 20})))
     for degrees in COMPOSITIONS:
-        cfg = cfg_of({**MLP, "train.steps": 20}, **degrees)
+        cfg = cfg_of({**base, "train.steps": 20}, **degrees)
         events = run_events(cfg)
         assert ended(events).status == "ok", (degrees, ended(events).message)
         got = losses(events)
@@ -105,3 +107,20 @@ def test_fsdp_times_tp_holds_a_quarter_of_each_block_and_half_of_each_end():
         assert sample.bytes["params"] == params, device
         assert sample.bytes["grads"] == params, device
         assert sample.bytes["optimizer"] == adam_state_bytes(params, tensors), device
+
+
+@pytest.mark.slow
+def test_hsdp_shards_within_a_replica_and_dp_pp_holds_a_stage():
+    """HSDP 2 × 2: every parameter halved by its shard group, whole across replicas, so
+    each device holds half the model; DP × PP: each device holds its stage's layers whole
+    (the MLP's 6 layers split 3 | 3), as many bytes on both replicas of a stage."""
+    w, depth = 64, 4
+    layers = [32 * w + w] + [w * 2 * w + 2 * w + 2 * w * w + w] * depth + [w * 8 + 8]  # elements
+    total = 4 * sum(layers)
+    for sample in memory_by_device(run_events(cfg_of({**MLP, "train.steps": 3}, dp=2, shard=2))).values():
+        assert sample.bytes["params"] == sample.bytes["grads"] == total // 2
+    stage = {0: 4 * sum(layers[:3]), 1: 4 * sum(layers[3:])}
+    for device, sample in memory_by_device(run_events(cfg_of({**MLP, "train.steps": 3}, dp=2, pp=2))).items():
+        held = stage[Plan(dp=2, pp=2).coordinate(device)["pp"]]
+        # A stage's peak comes in forward, before this step's gradients exist (zero_grad runs first).
+        assert sample.bytes["params"] == held and sample.bytes["grads"] in (0, held)
