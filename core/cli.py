@@ -206,6 +206,8 @@ class Progress:
         self.last: Any = None
         self.first: Any = None
         self.modelled = False
+        self.tokens = cfg.model.seq_len if cfg.model.kind == "transformer" else 0
+        """Tokens per sample (a transformer's sequence), for tokens/s."""
 
     def start(self, e: Any) -> None:
         """The run's clock, said once: what its times are."""
@@ -242,8 +244,9 @@ class Progress:
             filled = int(frac * 24)
             drawn = "▕" + "█" * filled + "░" * (24 - filled) + "▏ "
         clock = " (modelled)" if self.modelled else ""
+        tokens = f" {_si(e.samples_per_s * self.tokens)} tokens/s" if self.tokens else ""
         return (f"step {e.step:>{len(str(self.total))}}/{self.total} {drawn}loss {loss}  "
-                f"{_si(e.samples_per_s)} samples/s{clock}  ETA {eta}")
+                f"{_si(e.samples_per_s)} samples/s{tokens}{clock}  ETA {eta}")
 
     def close(self) -> None:
         if self.tty and not self.quiet and self.last is not None:
