@@ -72,6 +72,11 @@ def build_parser(extra: dict[str, Callable[[argparse.ArgumentParser], None]] | N
                    help="start no ranks: wait for ranks that torchrun starts, on this or other machines, "
                         "to connect here (port 0 picks a free one; prints the torchrun command)")
     p.add_argument("--ranks", type=int, metavar="N", help="with --listen: how many ranks torchrun starts in all")
+    p.add_argument("--save-state", metavar="DIR",
+                   help="when the run finishes, save its weights and optimizer state there (for --resume)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="go on from the state a run saved in DIR, in this config's layout (another mode or "
+                        "device count: torch.distributed.checkpoint reshards it); train.steps counts from the start")
     p = sub.add_parser("estimate", help="predict each device's peak memory by category")
     add_config_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -131,7 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if problem := any_problem(args.metrics):
             raise BadInput(problem)
     try:  # checks what only a run needs (host memory, --metrics); starts nothing
-        run = Run(cfg, metrics=args.metrics, listen=listen, ranks=args.ranks or 0)
+        run = Run(cfg, metrics=args.metrics, listen=listen, ranks=args.ranks or 0,
+                  resume=args.resume, save_at_end=args.save_state)
     except ConfigError as e:
         raise BadInput(str(e)) from None
     if listen is None:

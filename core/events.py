@@ -34,6 +34,8 @@ class RunStarted:
     """Which clock the run's times are in: 'host', or e.g. 'modelled: 2 × H100 SXM over NVLink 4'."""
     gpu: dict[str, Any] = field(default_factory=dict)
     """The GPU model's figures when the clock is modelled."""
+    first_step: int = 1
+    """Above 1: this run goes on from another layout's, switched after step first_step - 1."""
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import wait
@@ -24,7 +25,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from . import hostmem, log, preflight, remote, validation, worker
+from . import checkpoint, hostmem, log, preflight, remote, validation, worker
 from .config import ConfigError, RunConfig
 from .devices import Device, parse_spec, resolve
 from .events import Event, RunEnded, RunStarted, StepDone
@@ -82,10 +83,24 @@ class Run:
 
     def __init__(self, config: RunConfig, metrics: str | Path | None = None,
                  devices: list[Device] | None = None, faults: dict[int, str] | None = None,
-                 listen: str | None = None, ranks: int = 0, connect_timeout_s: float | None = None) -> None:
-        """listen='HOST:PORT': do not start ranks, wait for `ranks` that torchrun starts (core.remote)."""
+                 listen: str | None = None, ranks: int = 0, connect_timeout_s: float | None = None,
+                 resume: str | None = None, save_at_end: str | None = None) -> None:
+        """listen='HOST:PORT': do not start ranks, wait for `ranks` that torchrun starts (core.remote).
+        resume=path: go on, in this config's layout, from the state a run saved there.
+        save_at_end=path: save the state there when the run finishes, for a later switch."""
         problems = (remote.problems(config, ranks) if listen is not None
                     else validation.problems(config, resolve_devices=devices is None))
+        if resume or save_at_end:
+            problems = [*problems, *filter(None, [checkpoint.switch_problem(config)])]
+        self.resume: tuple[str, int] | None = None
+        if resume and not problems:
+            note = checkpoint.saved(resume)
+            if note.get("model") != config.to_dict()["model"]:
+                problems.append(f"the state saved at {resume} is of another model; a switch keeps the model")
+            elif note["step"] >= config.train.steps:
+                problems.append(f"train.steps {config.train.steps} must be above step {note['step']}, "
+                                "where the run being continued stopped")
+            self.resume = (resume, int(note["step"]))
         if metrics and (problem := any_problem(metrics)):
             problems = [*problems, problem]
         if problems:
@@ -115,6 +130,11 @@ class Run:
         self.remote_ranks: list[remote.Hello] = []
         """Listen mode: the torchrun ranks, by rank, once they have all said hello."""
         self.connect_timeout_s = connect_timeout_s
+        self.checkpoint = save_at_end or str(Path(tempfile.gettempdir()) / f"paralab-switch-{os.getpid()}-{id(self):x}")
+        """Where this run's state goes when it is switched to another layout (switch())."""
+        self.save_at_end = save_at_end is not None
+        self.saved_step: int | None = None
+        """After a switch: the last step whose state was saved at `checkpoint`."""
         self.events_problem = ""
         """Why the events file misses lines (a failed write, deleted mid-run); '' when it has them all."""
         if listen is not None:
@@ -136,6 +156,15 @@ class Run:
     def stop(self) -> None:
         self.stop_requested = True
         self._shared[worker.STOP] = 1.0
+
+    def switch(self) -> None:
+        """Stop after saving the weights and optimizer state at `checkpoint`, for a run of
+        another layout to go on from (Run(new_config, resume=run.checkpoint))."""
+        if problem := checkpoint.switch_problem(self.config):
+            raise ConfigError(problem)
+        Path(self.checkpoint).mkdir(parents=True, exist_ok=True)
+        self.stop_requested = True
+        self._shared[worker.STOP] = worker.SWITCH
 
     def set_lr(self, lr: float) -> None:
         if not lr > 0:
@@ -203,6 +232,7 @@ class Run:
                     writer.close()
                     if writer.problem and self.events_problem == "":
                         self.events_problem = writer.problem
+
     def _started(self) -> RunStarted:
         from .models import build_model, count_params
 
@@ -220,7 +250,7 @@ class Run:
             model = gpu_models()[self.config.sim.gpu]
             clock, gpu = model.describe(len(self.devices)), asdict(model)
         return RunStarted(self.config.mode, devices, self.config.to_dict(), self.world, params, time.time(),
-                          clock, gpu)
+                          clock, gpu, first_step=self.resume[1] + 1 if self.resume else 1)
 
     def _sampled_devices(self) -> list[Device]:
         """The devices telemetry can watch: all but another machine's GPUs (its NVML is not ours)."""
@@ -336,7 +366,10 @@ class _Supervisor:
         for rank in range(run.world):
             job = RankJob(run.config.to_dict(), run.devices, rank, run.world, self.t0, os.getpid(),
                           store_port=self.store.port if self.store else 0, backend=backend,
-                          fault=run.faults.get(rank, ""), log_path=str(log.path()))
+                          fault=run.faults.get(rank, ""), log_path=str(log.path()),
+                          checkpoint=run.checkpoint, save_at_end=run.save_at_end,
+                          resume=run.resume[0] if run.resume else "",
+                          first_step=run.resume[1] + 1 if run.resume else 1)
             reader, writer = run._ctx.Pipe(duplex=False)
             p = run._ctx.Process(target=worker.main, args=(job, writer, run._shared), daemon=True,
                                  name=f"paralab-rank{rank}")
@@ -478,6 +511,11 @@ class _Supervisor:
         if self.write_failed is not None:
             return RunEnded("error", f"{self.write_failed}; every rank was stopped after step {self.steps_done}",
                             None, t, self.steps_done)
+        switched = [d for d in done if "to switch layout" in d.message]
+        if done and len(switched) == len(done) == self.run.world:  # every rank saved its part
+            self.run.saved_step = min(d.steps for d in done)
+            return RunEnded("stopped", f"saved after step {self.run.saved_step} to switch layout", None, t,
+                            self.steps_done)
         if worst is None or (self.stop_at is not None and (worst.status in ("ok", "stopped"))):
             return RunEnded("stopped", f"stopped by request after step {self.steps_done}", None, t, self.steps_done)
         if worst.status in ("oom", "error"):

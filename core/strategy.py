@@ -48,6 +48,14 @@ class RankJob:
     """Ranks on this machine (torchrun's LOCAL_WORLD_SIZE); 0: all of them."""
     log_path: str = ""
     """The controller's log file (core.log): a forkserver's ranks do not see its environment."""
+    checkpoint: str = ""
+    """Where to save the state for a switch of layout (core.checkpoint); '' never."""
+    save_at_end: bool = False
+    """Save there when the run finishes too, not only when asked to switch."""
+    resume: str = ""
+    """A switched run: load the state saved there before the first step."""
+    first_step: int = 1
+    """A switched run goes on from the step after the last one saved."""
 
 
 class _Mark:
@@ -151,6 +159,9 @@ class Trainer:
     optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
     summary: Callable[[], str] | None = None
     """What the model learned, in words, for the end of the run (small models only)."""
+    model: Any = None
+    """The whole model as this rank holds it (a replica, shards, slices) under build_model's
+    names, for a switch of layout (core.checkpoint); None where it is held in pieces."""
 
 
 def local_devices(job: RankJob, cfg: RunConfig) -> list[Device]:

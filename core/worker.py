@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
-from . import log, parallel
+from . import checkpoint, log, parallel
 from .config import RunConfig
 from .devices import Device
 from .events import MemorySample
@@ -81,6 +81,8 @@ class Channel:
 # ---- control ---------------------------------------------------------------------------------
 
 STOP, PAUSED, LR = 0, 1, 2
+SWITCH = 2.0
+"""shared[STOP] = SWITCH: stop after saving the state for the next layout (core.checkpoint)."""
 SYNC_S = 0.02
 """Controls are read (and, with several ranks, agreed) about this often: the latency of
 pause, stop and a new learning rate, and the finest sampling granularity."""
@@ -98,6 +100,8 @@ class Control:
         self.lr = lr
         self.sample_interval = sample_interval
         self._last_sample = -1e9
+        self.first = 1
+        """The run's first step (later than 1 when it continues a switched run)."""
         self.next_sync = 1
         self._group = None
         self._last_sync_time = perf_counter()
@@ -108,10 +112,10 @@ class Control:
             # Control travels on its own gloo group: small CPU tensors, whatever the backend.
             self._group = dist.new_group(backend="gloo")
 
-    def _read(self, step: int) -> tuple[bool, bool, float, int, bool]:
-        stop, paused, lr = bool(self.shared[STOP]), bool(self.shared[PAUSED]), float(self.shared[LR])
+    def _read(self, step: int) -> tuple[float, bool, float, int, bool]:
+        stop, paused, lr = float(self.shared[STOP]), bool(self.shared[PAUSED]), float(self.shared[LR])
         now = perf_counter()
-        sample = step <= 3 or now - self._last_sample >= self.sample_interval
+        sample = step < self.first + 3 or now - self._last_sample >= self.sample_interval
         # Sync about every SYNC_S of training: rank 0 picks the next interval from its step time.
         per_step = (now - self._last_sync_time) / max(step - self._last_sync_step, 1)
         interval = int(min(max(SYNC_S / max(per_step, 1e-6), 1), 1000))
@@ -121,16 +125,16 @@ class Control:
         import torch
         import torch.distributed as dist
 
-        msg = torch.tensor([float(stop), float(paused), lr, float(interval), float(sample)], dtype=torch.float64)
+        msg = torch.tensor([stop, float(paused), lr, float(interval), float(sample)], dtype=torch.float64)
         dist.broadcast(msg, src=0, group=self._group)
-        return bool(msg[0]), bool(msg[1]), float(msg[2]), int(msg[3]), bool(msg[4])
+        return float(msg[0]), bool(msg[1]), float(msg[2]), int(msg[3]), bool(msg[4])
 
     def poll(self, step: int, heartbeat: Heartbeat,
-             on_pause: Callable[[], None] | None = None) -> tuple[bool, float | None, bool]:
-        """(stop, new lr or None, sample this step); blocks while paused, after calling
-        `on_pause` (the loop sends what it holds, so the last steps show during the pause)."""
+             on_pause: Callable[[], None] | None = None) -> tuple[float, float | None, bool]:
+        """(stop: 0, 1 or SWITCH; new lr or None; sample this step); blocks while paused, after
+        calling `on_pause` (the loop sends what it holds, so the last steps show during the pause)."""
         if step < self.next_sync:
-            return False, None, step <= 3
+            return 0.0, None, step < self.first + 3
         stop, paused, lr, interval, sample = self._read(step)
         if paused and not stop and on_pause is not None:
             on_pause()
@@ -236,9 +240,12 @@ def _run(job: RankJob, channel: Channel, shared: Any, heartbeat: Heartbeat, stat
     if job.world > 1:
         ctx.group = _init_distributed(job, cfg.telemetry.hang_timeout_s)
     control = Control(shared, job.world, cfg.train.lr, cfg.telemetry.interval_s)
+    control.first = control.next_sync = job.first_step
     ctx.control_group = control._group
     probe = state["probe"] = Probe(ctx)
     trainer = parallel.apply(ctx)
+    if job.resume:  # a switched run: the last layout's weights and optimizer state, resharded
+        checkpoint.load(trainer, ctx, job.resume)
     return _loop(ctx, trainer, probe, control, channel, heartbeat)
 
 
@@ -264,11 +271,15 @@ def _loop(ctx: RankContext, trainer: Any, probe: Probe, control: Control, channe
         channel.send(pending)
         pending, losses = Batch(ctx.rank, step), []
 
-    step = 0
-    for step in range(1, steps + 1):
+    step = first = ctx.job.first_step
+    for step in range(first, steps + 1):
         stop, new_lr, sample = control.poll(step, heartbeat, on_pause=functools.partial(flush, step - 1))
         if stop:
             flush(step - 1)
+            if stop == SWITCH and ctx.job.checkpoint:
+                checkpoint.save(trainer, ctx, ctx.job.checkpoint, step - 1)
+                return RankDone(ctx.rank, "stopped", f"saved after step {step - 1} to switch layout",
+                                steps=step - 1)
             return RankDone(ctx.rank, "stopped", f"stopped after step {step - 1}", steps=step - 1)
         if new_lr is not None:
             lr = new_lr
@@ -300,6 +311,8 @@ def _loop(ctx: RankContext, trainer: Any, probe: Probe, control: Control, channe
             flush(step)
             last_flush = end
     summary = f"; {trainer.summary()}" if trainer.summary else ""
+    if ctx.job.checkpoint and ctx.job.save_at_end:
+        checkpoint.save(trainer, ctx, ctx.job.checkpoint, step)
     return RankDone(ctx.rank, "ok", f"finished {step} steps{summary}", steps=step)
 
 

@@ -79,4 +79,4 @@ def apply_ddp(ctx) -> Trainer:
             optimizer.step()
         return loss
 
-    return Trainer(step, [optimizer], learned_line(model))
+    return Trainer(step, [optimizer], learned_line(model), model=ddp)

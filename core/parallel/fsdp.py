@@ -73,7 +73,7 @@ def apply_fsdp(ctx) -> Trainer:
         timer.probe = probe if probe.active else None
         return standard_step(cfg, model, optimizer, probe, d, x, y)
 
-    return Trainer(step, [optimizer])
+    return Trainer(step, [optimizer], model=model)
 
 
 class _CommTimer:

@@ -90,4 +90,4 @@ def apply_mesh(ctx) -> Trainer:
         timer.probe = probe if probe.active else None
         return standard_step(cfg, model, optimizer, probe, device.index, x, y)
 
-    return Trainer(step, [optimizer])
+    return Trainer(step, [optimizer], model=model)

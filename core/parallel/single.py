@@ -23,4 +23,4 @@ def apply_single(ctx) -> Trainer:
         x, y = data.batch(i, batch_size)
         return standard_step(cfg, model, optimizer, probe, d, x, y)
 
-    return Trainer(step, [optimizer], learned_line(model))
+    return Trainer(step, [optimizer], learned_line(model), model=model)

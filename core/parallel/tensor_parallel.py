@@ -65,4 +65,4 @@ def apply_tensor_parallel(ctx) -> Trainer:
         x, y = data.batch(i, cfg.train.batch_size)  # the whole batch on every device
         return standard_step(cfg, model, optimizer, probe, d, x, y)
 
-    return Trainer(step, [optimizer])
+    return Trainer(step, [optimizer], model=model)
