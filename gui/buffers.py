@@ -192,6 +192,8 @@ class RunData:
         self._inverse_sum = 0.0  # sum of 1/rate over every step: the run's average rate
         self._rate_steps = 0
         self._last_lr: float | None = None
+        self.time_offset = self._last_t = 0.0
+        """A run gone on from a switched one: its clock restarts at 0, its steps' time does not."""
         self.devices: list[DeviceSeries] = []
         self.start: RunStarted | None = None
         self.clock = "host"
@@ -241,6 +243,7 @@ class RunData:
         self.ignored = 0
         self.steps.clear()
         self.marks = []
+        self.time_offset = self._last_t = 0.0
         self._step_time = self._step_weight = self._inverse_sum = 0.0
         self._rate_steps = 0
         self._last_lr = None
@@ -273,7 +276,8 @@ class RunData:
         for e in events:
             if isinstance(e, StepDone):
                 # Plots share the host's time axis; the rate is in the run's clock.
-                t = e.time_s if e.host_s is None else e.host_s
+                t = (e.time_s if e.host_s is None else e.host_s) + self.time_offset
+                self._last_t = t
                 if self._last_lr is not None and e.lr != self._last_lr:
                     self.marks.append((e.step, t, "lr", f"lr {e.lr:g}"))
                 self._last_lr = e.lr
@@ -288,25 +292,42 @@ class RunData:
             elif isinstance(e, RunEnded):
                 self.end = e
                 changed["end"] = True
-                if self.last_step is not None or e.status in ("oom", "error"):
+                switched = "to switch layout" in e.message  # the next run's start marks it
+                if (self.last_step is not None or e.status in ("oom", "error")) and not switched:
                     self.mark(e.status, END_LABELS.get(e.status, e.status))
             elif isinstance(e, RunStarted):
                 if steps:
                     self._steps(steps)
                     steps = []
-                self.reset(e)
+                if e.first_step > 1 and self.last_step is not None:
+                    self.go_on(e)
+                else:
+                    self.reset(e)
         if steps:
             self._steps(steps)
             changed["steps"] = True
         if any(changed.values()):
             self._bump(**changed)
 
+    def go_on(self, start: RunStarted) -> None:
+        """A run that goes on from a switched one: its loss and rate continue the same
+        curves (steps and time), marked where the layout changed; its devices, memory and
+        timeline are the new layout's."""
+        steps, marks, last, t = self.steps, list(self.marks), self.last_step, self._last_t
+        rate = (self._step_time, self._step_weight, self._inverse_sum, self._rate_steps, self._last_lr)
+        self.steps = Compacting(steps.capacity, 6)  # reset() clears this one, not the kept curve
+        self.reset(start)
+        self.steps, self.marks, self.last_step, self._last_t = steps, marks, last, t
+        self._step_time, self._step_weight, self._inverse_sum, self._rate_steps, self._last_lr = rate
+        self.time_offset = t  # the new run's clock starts at 0: its steps come after the last
+        layout = f"{start.mode} on {len(start.devices)} device{'s' if len(start.devices) != 1 else ''}"
+        self.mark("switch", f"→ {layout}")
+
     def mark(self, kind: str, label: str) -> None:
         """A marker at the last step (pause, lr, ended), drawn on the step and time plots."""
         last = self.last_step
         step = last.step if last else 0
-        t = (last.time_s if last.host_s is None else last.host_s) if last else 0.0
-        self.marks.append((step, t, kind, label))
+        self.marks.append((step, self._last_t, kind, label))
         self._bump(steps=True)
 
     def _smooth(self, rate: float) -> float:

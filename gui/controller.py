@@ -36,9 +36,9 @@ still get every cycle the window does not use."""
 class _RunThread(QThread):
     """Owns the Run: builds it, iterates its events, lets its teardown end every rank."""
 
-    def __init__(self, cfg: RunConfig, metrics: Path, parent: QObject) -> None:
+    def __init__(self, cfg: RunConfig, metrics: Path, parent: QObject, resume: str | None = None) -> None:
         super().__init__(parent)
-        self.cfg, self.metrics = cfg, metrics
+        self.cfg, self.metrics, self.resume = cfg, metrics, resume
         self.queue: deque = deque()
         self.run_obj: Run | None = None
         self.stop_early = False
@@ -46,7 +46,7 @@ class _RunThread(QThread):
 
     def run(self) -> None:  # the thread's body
         try:
-            run = Run(self.cfg, metrics=self.metrics)
+            run = Run(self.cfg, metrics=self.metrics, resume=self.resume)
             self.run_obj = run
             if self.stop_early:  # Stop pressed while the Run was being built
                 run.stop()
@@ -81,6 +81,8 @@ class RunController(QObject):
         """The events (.jsonl) of the current or last run."""
         self.last_start: RunStarted | None = None
         self.last_end: RunEnded | None = None
+        self.last_checkpoint: str | None = None
+        """Where the last switch saved the state (switch())."""
         self._thread: _RunThread | None = None
         self._count = 0
         self._paused = False
@@ -119,8 +121,9 @@ class RunController(QObject):
 
     # ---- controls --------------------------------------------------------------------------
 
-    def start(self, cfg: RunConfig) -> bool:
-        """Start a run of cfg; False (and nothing started) while one is still going."""
+    def start(self, cfg: RunConfig, resume: str | None = None) -> bool:
+        """Start a run of cfg (going on from the state saved at `resume`, a switch); False
+        (and nothing started) while one is still going."""
         if self._thread is not None:
             return False
         self._count += 1
@@ -131,7 +134,7 @@ class RunController(QObject):
         self._paused = False
         self._niced.clear()
         self._drains = 0
-        self._thread = _RunThread(cfg, self.metrics_path, self)
+        self._thread = _RunThread(cfg, self.metrics_path, self, resume)
         self._thread.finished.connect(self._on_thread_finished)
         self._thread.start()
         self._timer.start()
@@ -155,6 +158,17 @@ class RunController(QObject):
         if thread.run_obj is not None:
             thread.run_obj.stop()  # a paused rank sees it too: pausing waits on stop
         self._paused = False
+
+    def switch(self) -> str | None:
+        """Save the running run's state and stop it, for a run of another layout to go on
+        from; the path it saves to (None: no run)."""
+        run = self.run
+        if run is None:
+            return None
+        run.switch()
+        self._paused = False
+        self.last_checkpoint = run.checkpoint
+        return run.checkpoint
 
     def set_lr(self, lr: float) -> None:
         """New learning rate for the running run (ranks adopt it at their next sync)."""

@@ -33,7 +33,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..core import presets
+from ..core import checkpoint, presets
 from ..core.config import ConfigError, RunConfig
 from ..core.events import CATEGORIES, RunEnded, RunStarted, read_events, to_dict
 from .buffers import RunData
@@ -96,6 +96,10 @@ class MainWindow(QMainWindow):
         self.data = RunData()
         self.controller = RunController(self)
         self._closing = False
+        self._running_cfg: RunConfig | None = None
+        """The config of the run going now (the form may differ while paused)."""
+        self._switch_to: RunConfig | None = None
+        """A switch under way: the config the saved state goes on in."""
         self._forced = False
         self._state = "idle"
         self._started_at = 0.0
@@ -170,10 +174,14 @@ class MainWindow(QMainWindow):
         self.pause_action = self._action("Pause", self.pause_run, None, "Pause every rank at its next step")
         self.resume_action = self._action("Resume", self.resume_run, None, "Go on training")
         self.stop_action = self._action("Stop", self.stop_run, "Ctrl+.", "End the run; every rank exits")
+        self.switch_action = self._action(
+            "Switch layout", self.switch_run, None,
+            "While paused: go on from this step with the form's mode, devices or mesh; the weights and "
+            "optimizer state carry over (torch.distributed.checkpoint reshards them)")
         bar = self.addToolBar("Run")
         bar.setObjectName("runToolbar")
         bar.setMovable(False)
-        for a in (self.start_action, self.pause_action, self.resume_action, self.stop_action):
+        for a in (self.start_action, self.pause_action, self.resume_action, self.switch_action, self.stop_action):
             bar.addAction(a)
         bar.addSeparator()
         bar.addWidget(QLabel(" Learning rate "))
@@ -195,7 +203,7 @@ class MainWindow(QMainWindow):
         file.addAction(self._action("Quit", self.close, "Ctrl+Q"))
 
         run = menu.addMenu("&Run")
-        for a in (self.start_action, self.pause_action, self.resume_action, self.stop_action):
+        for a in (self.start_action, self.pause_action, self.resume_action, self.switch_action, self.stop_action):
             run.addAction(a)
 
         self.presets_menu = menu.addMenu("&Presets")
@@ -306,13 +314,17 @@ class MainWindow(QMainWindow):
         self.step_label.setText("")
         self.loss_label.setText("")
         self.rate_label.setText("")
+        self._launch(cfg)
+        return True
+
+    def _launch(self, cfg: RunConfig, resume: str | None = None) -> None:
         self._total_steps = cfg.train.steps
+        self._running_cfg = cfg
         self.show_dashboard()
-        self.controller.start(cfg)
+        self.controller.start(cfg, resume=resume)
         self._started_at = time.monotonic()
         self._set_state("starting")
         self._progress_timer.start()
-        return True
 
     def _show_progress(self) -> None:
         """Until the first step: what the run is doing, and for how long so far."""
@@ -329,8 +341,35 @@ class MainWindow(QMainWindow):
 
     def resume_run(self) -> None:
         if self._state == "paused":
+            if self._running_cfg is not None and self.panel.config() != self._running_cfg:
+                self.panel.set_config(self._running_cfg)  # the form shows what runs, not an unused edit
             self.controller.resume()
             self._set_state("running")
+
+    def switch_problem(self, cfg: RunConfig | None) -> str:
+        """Why the paused run cannot go on in `cfg`'s layout; '' when it can."""
+        running = self._running_cfg
+        if cfg is None or running is None or self.panel.problems():
+            return "the form has problems to fix first" if running is not None else "no run to switch"
+        if cfg.model != running.model:
+            return "a switch keeps the model; change the mode, the devices, the mesh or the batch"
+        if cfg.train.steps <= (self.data.last_step.step if self.data.last_step else 0):
+            return "give more steps than the run has done, to go on"
+        return checkpoint.switch_problem(running) or checkpoint.switch_problem(cfg)
+
+    def switch_run(self) -> bool:
+        """Save the paused run where it is and go on with the form's layout."""
+        cfg = self.panel.config()
+        if self._state != "paused" or (problem := self.switch_problem(cfg)):
+            if self._state == "paused":
+                self.banner.show_message(f"Cannot switch: {problem}")
+            return False
+        self.banner.hide()
+        self._switch_to = cfg
+        self.controller.switch()
+        self._set_state("stopping")
+        self.state_label.setText("Saving the state to switch layout…")
+        return True
 
     def stop_run(self) -> None:
         if self.controller.running:
@@ -361,8 +400,9 @@ class MainWindow(QMainWindow):
         self.pause_action.setEnabled(state == "running")
         self.resume_action.setEnabled(state == "paused")
         self.stop_action.setEnabled(busy and state != "stopping")
+        self.switch_action.setEnabled(state == "paused")
         self.lr_box.setEnabled(state in ("running", "paused"))
-        self.panel.set_locked(busy)
+        self.panel.set_locked(busy and state != "paused")  # paused: the form takes a new layout
         self.presets_menu.setEnabled(not busy)  # the form is the running run's until it ends
         self.open_action.setEnabled(not busy)
 
@@ -387,7 +427,10 @@ class MainWindow(QMainWindow):
         self.dashboard.set_prediction(pred)
 
     def _on_started(self, start: RunStarted) -> None:
-        self.data.reset(start)
+        if start.first_step > 1 and self.data.last_step is not None:
+            self.data.go_on(start)  # a switched run: the curves go on, the devices are new
+        else:
+            self.data.reset(start)
         self._set_prediction(self.panel.estimate)
         self.dashboard.start()
 
@@ -419,6 +462,12 @@ class MainWindow(QMainWindow):
         self.banner.show_message(f"The run failed: {message}")
 
     def _on_finished(self) -> None:
+        end, target = self.controller.last_end, self._switch_to
+        self._switch_to = None
+        run = self.controller
+        if target is not None and end is not None and "to switch layout" in end.message and not self._closing:
+            self._launch(target, resume=run.last_checkpoint)  # the plots go on (RunData.go_on)
+            return
         self.dashboard.stop()
         self._set_state("idle")
         if self._closing:
