@@ -24,8 +24,14 @@ def _run(args: argparse.Namespace) -> int:
     return app_main(cfg, start=getattr(args, "start", False))
 
 
+def _png(runs: list, path: str) -> None:
+    from .compare_view import render_png
+
+    render_png(runs, path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, extra={"gui": (_setup, _run)}, default="gui")
+    return cli.main(argv, extra={"gui": (_setup, _run)}, default="gui", png=_png)
 
 
 if __name__ == "__main__":
