@@ -19,7 +19,8 @@ from ..core.run import prewarm
 from .main_window import MainWindow
 
 
-def main(cfg: RunConfig | None = None, start: bool = False) -> int:
+def main(cfg: RunConfig | None = None, start: bool = False, replay: tuple[list, float, str] | None = None) -> int:
+    """Open the app; `replay` = (events, speed, name) plays a recording at once."""
     from .syscheck import report
 
     problem = report()  # Qt's own message for a missing X11 library names the wrong one
@@ -36,6 +37,8 @@ def main(cfg: RunConfig | None = None, start: bool = False) -> int:
     window.show()
     if start:
         QTimer.singleShot(0, window.start_run)
+    if replay is not None:
+        QTimer.singleShot(0, lambda: window.open_run(replay[0], replay[1], replay[2]))
 
     received: list[int] = []
 

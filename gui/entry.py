@@ -24,6 +24,28 @@ def _run(args: argparse.Namespace) -> int:
     return app_main(cfg, start=getattr(args, "start", False))
 
 
+def _setup_replay(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="RUN.jsonl", help="an events file written by paralab run --metrics (or the app)")
+    p.add_argument("--speed", type=float, default=1.0, metavar="N",
+                   help="play N times as fast as recorded (default 1; 0.5 is half speed)")
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    from ..core.compare import CompareError, read_file
+
+    if not args.speed > 0:
+        raise cli.BadInput(f"--speed must be more than 0, not {args.speed:g}")
+    try:  # read before the window opens: a bad file is a sentence on stderr, exit 2
+        events = read_file(args.file)
+    except CompareError as e:
+        raise cli.BadInput(str(e)) from None
+    from pathlib import Path
+
+    from .app import main as app_main
+
+    return app_main(None, replay=(events, args.speed, Path(args.file).name))
+
+
 def _png(runs: list, path: str) -> None:
     from .compare_view import render_png
 
@@ -31,7 +53,7 @@ def _png(runs: list, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, extra={"gui": (_setup, _run)}, default="gui", png=_png)
+    return cli.main(argv, extra={"gui": (_setup, _run), "replay": (_setup_replay, _run_replay)}, default="gui", png=_png)
 
 
 if __name__ == "__main__":

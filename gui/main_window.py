@@ -40,6 +40,7 @@ from .buffers import RunData
 from .config_panel import ConfigPanel
 from .controller import RunController
 from .dashboard import Dashboard, rate_text
+from .replay import Replay, ReplayBar
 from .welcome import Welcome
 
 THEMES = ("light", "dark")
@@ -115,6 +116,9 @@ class MainWindow(QMainWindow):
         self.dashboard = Dashboard()
         self.dashboard.bind(self.data)
         self.banner = Banner()
+        self.replay: Replay | None = None
+        self.replay_bar = ReplayBar()
+        self.replay_bar.closed.connect(self.close_replay)
         self._build_center()
         self._build_actions()
         self._build_status()
@@ -138,6 +142,7 @@ class MainWindow(QMainWindow):
         v = QVBoxLayout(center)
         v.setContentsMargins(6, 6, 6, 0)
         v.addWidget(self.banner)
+        v.addWidget(self.replay_bar)
         self.welcome = Welcome()
         self.welcome.chosen.connect(self._on_welcome_preset)
         self.welcome.dismissed.connect(self.show_dashboard)
@@ -186,6 +191,10 @@ class MainWindow(QMainWindow):
         self.open_action = self._action("Open config…", self._open_config_dialog, "Ctrl+O")
         file.addAction(self.open_action)
         file.addAction(self._action("Save config…", self._save_config_dialog, "Ctrl+S"))
+        file.addSeparator()
+        self.open_run_action = self._action("Open run…", self._open_run_dialog, "Ctrl+Shift+O",
+                                            "Play a recorded events file (.jsonl) in these views")
+        file.addAction(self.open_run_action)
         file.addSeparator()
         file.addAction(self._action("Export plots to PNG…", self._export_png_dialog))
         file.addAction(self._action("Export events to CSV…", lambda: self._export_events_dialog("csv")))
@@ -292,6 +301,7 @@ class MainWindow(QMainWindow):
         cfg = self.panel.config()
         if cfg is None or self.panel.problems() or self.controller.running:
             return False
+        self.close_replay()
         self.banner.hide()
         self.statusBar().clearMessage()  # the last run's verdict would hide the start-up progress
         self._remember()
@@ -350,7 +360,7 @@ class MainWindow(QMainWindow):
     def _set_state(self, state: str) -> None:
         self._state = state
         self.state_label.setText({"idle": "Ready", "starting": "Starting the ranks…", "running": "Running",
-                                  "paused": "Paused", "stopping": "Stopping…"}[state])
+                                  "paused": "Paused", "stopping": "Stopping…", "replay": "Replaying a recording"}[state])
         self._update_actions()
 
     def _update_actions(self) -> None:
@@ -364,6 +374,7 @@ class MainWindow(QMainWindow):
         self.panel.set_locked(busy)
         self.presets_menu.setEnabled(not busy)  # the form is the running run's until it ends
         self.open_action.setEnabled(not busy)
+        self.open_run_action.setEnabled(not busy)
 
     # ---- controller signals ----------------------------------------------------------------
 
@@ -420,6 +431,62 @@ class MainWindow(QMainWindow):
         self._set_state("idle")
         if self._closing:
             self.close()
+
+    # ---- replay ----------------------------------------------------------------------------
+
+    def open_run(self, source: str | Path | list, speed: float = 1.0, name: str = "") -> bool:
+        """Play a recorded run (an events file, or its events) in the dashboard."""
+        from ..core.compare import CompareError, read_file
+
+        if self.controller.running:
+            self.banner.show_message("A run is going: stop it before opening a recording.")
+            return False
+        try:
+            events = read_file(source) if not isinstance(source, list) else source
+        except CompareError as e:
+            self.banner.show_message(f"Cannot open the run: {e}")
+            return False
+        self.close_replay()
+        self.banner.hide()
+        self.replay = Replay(events, speed, name or (Path(source).name if not isinstance(source, list) else ""), self)
+        self.replay.started.connect(self._on_replay_started)
+        self.replay.events.connect(self._on_events)
+        self.replay.ended.connect(self._on_ended)
+        self.replay.finished.connect(self.dashboard.stop)
+        try:  # the form shows what was recorded, when this version can read it
+            self.panel.set_config(RunConfig.from_dict(events[0].config))
+        except (ConfigError, TypeError, AttributeError):
+            pass
+        self.replay_bar.bind(self.replay)
+        self.show_dashboard()
+        self.replay.play()
+        self.replay_bar._update()
+        return True
+
+    def close_replay(self) -> None:
+        replay, self.replay = self.replay, None
+        if replay is None:
+            return
+        replay.stop()
+        replay.deleteLater()
+        self.replay_bar.hide()
+        self.dashboard.stop()
+        self._set_state("idle")
+
+    def _on_replay_started(self, start: RunStarted) -> None:
+        # A start again (scrubbing back) empties the views, as Start does for a live run.
+        self.dashboard.clear()
+        self.data.reset(start)
+        self._total_steps = int(start.config.get("train", {}).get("steps", 0) or 0)
+        for label in (self.step_label, self.loss_label, self.rate_label):
+            label.setText("")
+        self._set_state("replay")
+        self.dashboard.start()
+
+    def _open_run_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open run", "", "paralab events (*.jsonl);;All files (*)")
+        if path:
+            self.open_run(path)
 
     # ---- files -----------------------------------------------------------------------------
 
