@@ -44,11 +44,9 @@ class CompareView(QWidget):
         pal = self.palette()
         self.plots.setBackground(pal.color(pal.ColorRole.Base))
         self.loss_plot = self.plots.addPlot(row=0, col=0, colspan=2, title="loss · x: step")
-        self.legend = self.loss_plot.addLegend(offset=(-10, 10))
-        # Modes of one model train to the same curve: each run's line is thinner than the one
-        # before, so identical curves still show every colour instead of only the last.
-        self.loss_curves = [self.loss_plot.plot(pen=pg.mkPen(run_color(i), width=2 * (MAX_RUNS - i) - 1))
-                            for i in range(MAX_RUNS)]
+        self.legend = self.loss_plot.addLegend(offset=(-10, 10), labelTextColor=self.palette().color(
+            self.palette().ColorRole.Text))
+        self.loss_curves = [self.loss_plot.plot(pen=pg.mkPen(run_color(i))) for i in range(MAX_RUNS)]
         self.memory_plot = self.plots.addPlot(row=1, col=0, colspan=2,
                                               title="peak memory per device, by category (MiB)")
         # One bar item per category: its bars stand on the categories below it.
@@ -86,8 +84,12 @@ class CompareView(QWidget):
     def set_runs(self, runs: list[RunSummary]) -> None:
         self.runs = list(runs)[:MAX_RUNS]
         self.legend.clear()
+        n = len(self.runs)
         for i, curve in enumerate(self.loss_curves):
-            run = self.runs[i] if i < len(self.runs) else None
+            run = self.runs[i] if i < n else None
+            # Modes of one model train to the same curve: each run's line is thinner than the
+            # one before, so identical curves still show every colour instead of only the last.
+            curve.setPen(pg.mkPen(run_color(i), width=1 + 1.5 * max(n - 1 - i, 0)))
             curve.setVisible(run is not None)
             if run is None:
                 curve.setData([], [])

@@ -39,6 +39,7 @@ from .plot_items import Markers, Placeholder
 from .style import (
     CAPACITY_COLOR,
     CATEGORY_COLORS,
+    GHOST_COLOR,
     PREDICTION_COLOR,
     device_color,
     legend_html,
@@ -349,12 +350,17 @@ class Dashboard(QWidget):
         self._follow = {"loss": Follow(self.loss_plot), "rate": Follow(self.rate_plot),
                         "util": Follow(self.util_plot, y_fixed=(0.0, 100.0))}
         self._util_title = ""
+        # "Run again with this change": the previous run stays as a faint line behind this one.
+        self.ghost_curves = {"loss": self._ghost_curve(self.loss_plot), "rate": self._ghost_curve(self.rate_plot)}
+        self._ghost_range: tuple[float, float, float, float] | None = None
+        self.ghost_label = QLabel("")
 
         self.log_loss = QCheckBox("log-scale loss")
         self.log_loss.toggled.connect(self.set_log_loss)
         self.status = QLabel("")
         top = QHBoxLayout()
         top.addWidget(self.status, 1)
+        top.addWidget(self.ghost_label)
         top.addWidget(self.device_legend)
         top.addWidget(self.log_loss)
         self.timeline_scroll = QScrollArea()
@@ -401,6 +407,32 @@ class Dashboard(QWidget):
 
     def start(self) -> None:
         self.timer.start()
+
+    @staticmethod
+    def _ghost_curve(plot: pg.PlotItem) -> pg.PlotDataItem:
+        item = pg.PlotDataItem(pen=pg.mkPen(GHOST_COLOR, width=2), connect="finite")
+        item.setZValue(-10)  # behind the run it is compared with
+        plot.addItem(item)
+        return item
+
+    def set_ghost(self, data: RunData | None, label: str = "") -> None:
+        """Keep `data`'s loss and rate curves as faint lines behind the next run (None: none).
+        The arrays are copied: the buffers are about to be reset for the next run."""
+        s = data.steps if data is not None else None
+        if s is None or not len(s):
+            for curve in self.ghost_curves.values():
+                curve.setData(EMPTY, EMPTY)
+            self._ghost_range = None
+            self.ghost_label.setText("")
+            return
+        step, t, loss, rate = (s.column(i).copy() for i in (0, 1, 2, 5))
+        self.ghost_curves["loss"].setData(step, loss)
+        self.ghost_curves["rate"].setData(t, rate)
+        finite = loss[np.isfinite(loss)]
+        self._ghost_range = (float(step[0]), float(step[-1]), float(finite.min()), float(finite.max())) \
+            if len(finite) else None
+        self.ghost_label.setText(f'<span style="color:{GHOST_COLOR}">&#9644;</span> {label or "previous run"}')
+        self.ghost_label.setToolTip("The faint lines are the previous run's, kept by Run again with this change.")
 
     def stop(self) -> None:
         self.timer.stop()
@@ -513,9 +545,13 @@ class Dashboard(QWidget):
             shown = loss[np.isfinite(loss) & (loss > 0)] if log else loss[np.isfinite(loss)]
             if len(shown):
                 lo, hi = float(shown.min()), float(shown.max())
+                x0, x1 = float(step[0]), float(step[-1])
+                if self._ghost_range is not None and not log:  # the previous run stays in view
+                    x0, x1 = min(x0, self._ghost_range[0]), max(x1, self._ghost_range[1])
+                    lo, hi = min(lo, self._ghost_range[2]), max(hi, self._ghost_range[3])
                 if log:
                     lo, hi = math.log10(lo), math.log10(hi)
-                self._follow["loss"].fit(float(step[0]), float(step[-1]), lo, hi)
+                self._follow["loss"].fit(x0, x1, lo, hi)
             finite_rate = rate[np.isfinite(rate)]
             if len(finite_rate):
                 self._follow["rate"].fit(float(t[0]), float(t[-1]), 0.0, float(finite_rate.max()))

@@ -37,6 +37,7 @@ from ..core import presets
 from ..core.config import ConfigError, RunConfig
 from ..core.events import CATEGORIES, RunEnded, RunStarted, read_events, to_dict
 from .buffers import RunData
+from .compare_dialog import CompareDialog, SessionRun
 from .config_panel import ConfigPanel
 from .controller import RunController
 from .dashboard import Dashboard, rate_text
@@ -117,6 +118,9 @@ class MainWindow(QMainWindow):
         self.dashboard.bind(self.data)
         self.banner = Banner()
         self.replay: Replay | None = None
+        self.session_runs: list[SessionRun] = []
+        """The runs of this session (finished runs, recordings opened), for Compare runs…."""
+        self.compare_dialog: CompareDialog | None = None
         self.replay_bar = ReplayBar()
         self.replay_bar.closed.connect(self.close_replay)
         self._build_center()
@@ -174,10 +178,15 @@ class MainWindow(QMainWindow):
         self.pause_action = self._action("Pause", self.pause_run, None, "Pause every rank at its next step")
         self.resume_action = self._action("Resume", self.resume_run, None, "Go on training")
         self.stop_action = self._action("Stop", self.stop_run, "Ctrl+.", "End the run; every rank exits")
+        self.again_action = self._action("Run again with this change", lambda: self.start_run(ghost=True),
+                                         "Ctrl+Shift+R", "Start these settings; the last run stays as a faint line")
+        self.compare_action = self._action("Compare runs…", self.open_compare, "Ctrl+Shift+C",
+                                           "Compare 2 to 4 runs of this session side by side")
         bar = self.addToolBar("Run")
         bar.setObjectName("runToolbar")
         bar.setMovable(False)
-        for a in (self.start_action, self.pause_action, self.resume_action, self.stop_action):
+        for a in (self.start_action, self.pause_action, self.resume_action, self.stop_action,
+                  self.again_action, self.compare_action):
             bar.addAction(a)
         bar.addSeparator()
         bar.addWidget(QLabel(" Learning rate "))
@@ -205,6 +214,9 @@ class MainWindow(QMainWindow):
         run = menu.addMenu("&Run")
         for a in (self.start_action, self.pause_action, self.resume_action, self.stop_action):
             run.addAction(a)
+        run.addSeparator()
+        run.addAction(self.again_action)
+        run.addAction(self.compare_action)
 
         self.presets_menu = menu.addMenu("&Presets")
         for name in presets.names():
@@ -297,10 +309,12 @@ class MainWindow(QMainWindow):
 
     # ---- run controls ----------------------------------------------------------------------
 
-    def start_run(self) -> bool:
+    def start_run(self, ghost: bool = False) -> bool:
+        """Start the form's run; `ghost` keeps the last run's loss and rate as faint lines."""
         cfg = self.panel.config()
         if cfg is None or self.panel.problems() or self.controller.running:
             return False
+        self.dashboard.set_ghost(self.data if ghost else None, self._run_title(self.data) if ghost else "")
         self.close_replay()
         self.banner.hide()
         self.statusBar().clearMessage()  # the last run's verdict would hide the start-up progress
@@ -367,6 +381,8 @@ class MainWindow(QMainWindow):
         state, busy = self._state, self.controller.running
         ok = self.panel.config() is not None and not self.panel.problems()
         self.start_action.setEnabled(ok and not busy and not self._closing)
+        self.again_action.setEnabled(self.start_action.isEnabled() and self.data.last_step is not None)
+        self.compare_action.setEnabled(sum(r.available() for r in self.session_runs) >= 2)
         self.pause_action.setEnabled(state == "running")
         self.resume_action.setEnabled(state == "paused")
         self.stop_action.setEnabled(busy and state != "stopping")
@@ -427,10 +443,42 @@ class MainWindow(QMainWindow):
         self.banner.show_message(f"The run failed: {message}")
 
     def _on_finished(self) -> None:
+        c = self.controller
+        if c.last_start is not None and c.last_end is not None and c.metrics_path is not None:
+            self._add_session_run(SessionRun(self._run_title(self.data), path=c.metrics_path))
         self.dashboard.stop()
         self._set_state("idle")
         if self._closing:
             self.close()
+
+    # ---- the session's runs -------------------------------------------------------------------
+
+    def _run_title(self, data: RunData) -> str:
+        start, end = data.start, data.end
+        if start is None:
+            return "previous run"
+        steps = data.last_step.step if data.last_step else 0
+        status = end.status if end else "unfinished"
+        return f"#{len(self.session_runs) + 1} {start.mode} on {start.config.get('devices', '?')}, {steps} steps, {status}"
+
+    def _add_session_run(self, run: SessionRun) -> None:
+        self.session_runs.append(run)
+        self.session_runs = [r for r in self.session_runs if r.available()]
+        if self.compare_dialog is not None and self.compare_dialog.isVisible():
+            self.compare_dialog.set_runs(self.session_runs)
+        self._update_actions()
+
+    def open_compare(self) -> bool:
+        """Show the session's runs side by side (the last ones ticked)."""
+        if sum(r.available() for r in self.session_runs) < 2:
+            self.statusBar().showMessage("Finish two runs (or open two recordings) to compare them.", 5000)
+            return False
+        if self.compare_dialog is None:  # made once: its plots are reused
+            self.compare_dialog = CompareDialog(self)
+        self.compare_dialog.set_runs(self.session_runs)
+        self.compare_dialog.show()
+        self.compare_dialog.raise_()
+        return True
 
     # ---- replay ----------------------------------------------------------------------------
 
@@ -453,6 +501,8 @@ class MainWindow(QMainWindow):
         self.replay.events.connect(self._on_events)
         self.replay.ended.connect(self._on_ended)
         self.replay.finished.connect(self.dashboard.stop)
+        self.replay.finished.connect(self._update_actions)  # Run again: the recording as the ghost
+        self._add_session_run(SessionRun(f"recording {self.replay.source or 'opened'}", events=events))
         try:  # the form shows what was recorded, when this version can read it
             self.panel.set_config(RunConfig.from_dict(events[0].config))
         except (ConfigError, TypeError, AttributeError):

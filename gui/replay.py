@@ -206,6 +206,7 @@ class ReplayBar(QWidget):
             self.slider.setValue(int(position * 1000))
         duration = self.replay.duration if self.replay else 0.0
         self.time_label.setText(f"{position:.1f} / {duration:.1f} s")
+        self._update()  # paused, played or ended from elsewhere (a menu, a test, the end)
 
     def _update(self) -> None:
         r = self.replay
