@@ -46,6 +46,22 @@ def _run_replay(args: argparse.Namespace) -> int:
     return app_main(None, replay=(events, args.speed, Path(args.file).name))
 
 
+def _setup_open(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="a session file saved with File › Save session…")
+
+
+def _run_open(args: argparse.Namespace) -> int:
+    from ..core.session import SessionError, load
+
+    try:  # checked before the window opens: a bad file is a sentence on stderr, exit 2
+        load(args.file)
+    except SessionError as e:
+        raise cli.BadInput(str(e)) from None
+    from .app import main as app_main
+
+    return app_main(None, session=args.file)
+
+
 def _png(runs: list, path: str) -> None:
     from .compare_view import render_png
 
@@ -53,7 +69,8 @@ def _png(runs: list, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, extra={"gui": (_setup, _run), "replay": (_setup_replay, _run_replay)}, default="gui", png=_png)
+    return cli.main(argv, extra={"gui": (_setup, _run), "replay": (_setup_replay, _run_replay),
+                                   "open": (_setup_open, _run_open)}, default="gui", png=_png)
 
 
 if __name__ == "__main__":

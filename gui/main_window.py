@@ -204,6 +204,11 @@ class MainWindow(QMainWindow):
         self.open_run_action = self._action("Open run…", self._open_run_dialog, "Ctrl+Shift+O",
                                             "Play a recorded events file (.jsonl) in these views")
         file.addAction(self.open_run_action)
+        self.open_session_action = self._action("Open session…", self._open_session_dialog, None,
+                                                "Settings, seed and a recorded run, from a session file")
+        file.addAction(self.open_session_action)
+        file.addAction(self._action("Save session…", self._save_session_dialog, "Ctrl+Shift+S",
+                                    "Save these settings (seed included) and the run on screen to one file"))
         file.addSeparator()
         file.addAction(self._action("Export plots to PNG…", self._export_png_dialog))
         file.addAction(self._action("Export events to CSV…", lambda: self._export_events_dialog("csv")))
@@ -391,6 +396,7 @@ class MainWindow(QMainWindow):
         self.presets_menu.setEnabled(not busy)  # the form is the running run's until it ends
         self.open_action.setEnabled(not busy)
         self.open_run_action.setEnabled(not busy)
+        self.open_session_action.setEnabled(not busy)
 
     # ---- controller signals ----------------------------------------------------------------
 
@@ -532,6 +538,68 @@ class MainWindow(QMainWindow):
             label.setText("")
         self._set_state("replay")
         self.dashboard.start()
+
+    # ---- session files ---------------------------------------------------------------------
+
+    def shown_events(self) -> list | None:
+        """The events of the run on screen: the recording played, or the last run's file."""
+        if self.replay is not None:
+            return [self.replay.start_event, *self.replay.rest]
+        path = self.controller.metrics_path
+        if self.controller.running or self.controller.last_end is None or path is None or not path.exists():
+            return None
+        from ..core.compare import CompareError, read_file
+
+        try:
+            return read_file(path)
+        except CompareError:
+            return None
+
+    def save_session(self, path: str | Path, with_run: bool = True) -> bool:
+        from ..core import session
+
+        cfg = self.panel.config()
+        if cfg is None:
+            self.banner.show_message("Cannot save: " + "; ".join(self.panel.problems()))
+            return False
+        try:
+            session.save(path, cfg, self.shown_events() if with_run else None)
+        except OSError as e:
+            self.banner.show_message(f"Cannot save {path}: {e.strerror or e}")
+            return False
+        return True
+
+    def open_session(self, path: str | Path) -> bool:
+        """Restore a session's settings, and show its recorded run (whole; Play replays it)."""
+        from ..core.session import SessionError, load
+
+        if self.controller.running:
+            self.banner.show_message("A run is going: stop it before opening a session.")
+            return False
+        try:
+            opened = load(path)
+            beyond = self.panel.beyond_the_form(opened.config)
+            if beyond:
+                raise SessionError(f"{path}: {beyond}")
+        except SessionError as e:
+            self.banner.show_message(f"Cannot open the session: {e}")
+            return False
+        if opened.events and self.open_run(opened.events, name=Path(path).name):
+            self.replay.pause()
+            self.replay.seek(self.replay.duration)
+        self.panel.set_config(opened.config)  # after the run: its start names its own config
+        return True
+
+    def _open_session_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open session", "", "paralab session (*.json);;All files (*)")
+        if path:
+            self.open_session(path)
+
+    def _save_session_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save session", "paralab-session.json",
+                                              "paralab session (*.json)")
+        if path:
+            self.save_session(path)
 
     def _open_run_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Open run", "", "paralab events (*.jsonl);;All files (*)")

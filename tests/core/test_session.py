@@ -1,0 +1,43 @@
+"""Session files: the config (seed included) and a recorded run survive a save and a load;
+anything else is a sentence."""
+
+import json
+import math
+
+import pytest
+from paralab.core.config import RunConfig
+from paralab.core.events import RunEnded, RunStarted, StepDone
+from paralab.core.session import FORMAT, SessionError, load, save
+
+CFG = RunConfig().with_overrides({"mode": "ddp", "devices": "sim:2", "seed": 7, "train.lr": 0.003})
+EVENTS = [RunStarted("ddp", [{"index": 0, "label": "sim0"}], CFG.to_dict()),
+          StepDone(1, 0.5, 0.01, 100.0, 0.003, None, 0.02), StepDone(2, float("nan"), 0.02, 100.0),
+          RunEnded("ok", "finished 2 steps", None, 0.03, 2)]
+
+
+def test_config_seed_and_events_round_trip(tmp_path):
+    path = tmp_path / "s.json"
+    save(path, CFG, EVENTS)
+    opened = load(path)
+    assert opened.config == CFG and opened.seed == 7
+    assert opened.events[0] == EVENTS[0] and opened.events[1] == EVENTS[1] and opened.events[3] == EVENTS[3]
+    assert opened.events[2].loss is None or math.isnan(opened.events[2].loss)  # JSON has no NaN
+    save(path, CFG)
+    assert load(path).events is None
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "does not exist"),
+    ("not json", "is not a paralab session"),
+    ('{"format": "something-else"}', "is not a paralab session"),
+    (json.dumps({"format": FORMAT, "version": 99, "config": {}}), "saved by a newer paralab"),
+    (json.dumps({"format": FORMAT, "version": 1, "config": {"bogus": 1}}), "unknown setting 'bogus'"),
+    (json.dumps({"format": FORMAT, "version": 1, "config": {}, "events": [{"event": "step"}]}), "cannot be read"),
+    (json.dumps({"format": FORMAT, "version": 1, "config": {}, "events": []}), "does not begin with a 'start'"),
+])
+def test_bad_files_are_a_sentence(tmp_path, content, words):
+    path = tmp_path / "s.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SessionError, match=words.replace("(", r"\(")):
+        load(path)
