@@ -62,8 +62,8 @@ def load_config(args: argparse.Namespace, check: bool = True) -> RunConfig:
 def build_parser(extra: dict[str, Callable[[argparse.ArgumentParser], None]] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="paralab", description="A desktop lab for multi-GPU parallelism in PyTorch.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    for name, setup in (extra or {}).items():
-        setup(sub.add_parser(name))
+    for name, setup in (extra or {}).items():  # the setup's docstring is the command's help
+        setup(sub.add_parser(name, help=(setup.__doc__ or "").strip() or None))
     p = sub.add_parser("run", help="train headless, printing progress and writing events")
     add_config_args(p)
     p.add_argument("--metrics", metavar="FILE.jsonl", help="write every event to this file as it happens")

@@ -11,6 +11,7 @@ from ..core import cli
 
 
 def _setup(p: argparse.ArgumentParser) -> None:
+    """open the app (the default command)"""
     cli.add_config_args(p, overrides=True)
     p.add_argument("--start", action="store_true", help="start the run at launch (demo mode)")
 
@@ -25,6 +26,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _setup_replay(p: argparse.ArgumentParser) -> None:
+    """play a recorded events file in the app: pause, scrub, faster or slower"""
     p.add_argument("file", metavar="RUN.jsonl", help="an events file written by paralab run --metrics (or the app)")
     p.add_argument("--speed", type=float, default=1.0, metavar="N",
                    help="play N times as fast as recorded (default 1; 0.5 is half speed)")
@@ -47,6 +49,7 @@ def _run_replay(args: argparse.Namespace) -> int:
 
 
 def _setup_open(p: argparse.ArgumentParser) -> None:
+    """open a session file in the app: its settings and its recorded run"""
     p.add_argument("file", metavar="FILE", help="a session file saved with File › Save session…")
 
 

@@ -65,3 +65,33 @@ def test_two_runs_compared_and_the_first_kept_as_a_ghost(window, qtbot, tmp_path
     finish(w, qtbot)
     assert ghost.yData is None or len(ghost.yData) == 0
     assert len(w.session_runs) == 3
+
+
+def test_paralab_compare_png_without_a_display(tmp_path):
+    """The console script draws the PNG off screen on a machine with no display at all."""
+    import os
+    import subprocess
+    import sys
+
+    from paralab.core.events import EventWriter, MemorySample, RunEnded, RunStarted, StepDone
+
+    files = []
+    for i, mode in enumerate(("ddp", "fsdp")):
+        cfg = DDP.with_overrides({"mode": mode})
+        path = tmp_path / f"{mode}.jsonl"
+        writer = EventWriter(path)
+        writer.write([RunStarted(mode, [{"index": 0, "label": "sim0"}], cfg.to_dict()),
+                      StepDone(1, 1.0, 0.1, 80.0, host_s=0.1),
+                      MemorySample(1, 0, {"params": 1000 * (2 - i), "activations": 500}, 1500 + 1000 * (1 - i), 10**9),
+                      StepDone(2, 0.5, 0.2, 80.0, host_s=0.2), RunEnded("ok", time_s=0.3)])
+        writer.close()
+        files.append(str(path))
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    png = tmp_path / "out.png"
+    code = "import sys; from paralab.gui.entry import main; sys.exit(main())"
+    done = subprocess.run([sys.executable, "-c", code, "compare", *files, "--png", str(png)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "B: mode fsdp instead of ddp" in done.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert done.stderr.strip().splitlines() == [f"paralab: comparison drawn in {png}"]
