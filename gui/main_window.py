@@ -427,6 +427,8 @@ class MainWindow(Recordings, QMainWindow):
         last = self.data.last_step
         if last is not None and self._state == "starting":
             self._set_state("running")  # the ranks are up and training
+        if last is not None and self._state == "replay" and not self.again_action.isEnabled():
+            self._update_actions()  # a recording's steps can be the ghost of Run again
         if last is not None:
             self.step_label.setText(f"step {last.step}/{self._total_steps}")
             self.loss_label.setText(f"loss {last.loss:.4g}")
