@@ -353,14 +353,16 @@ class Dashboard(QWidget):
         # "Run again with this change": the previous run stays as a faint line behind this one.
         self.ghost_curves = {"loss": self._ghost_curve(self.loss_plot), "rate": self._ghost_curve(self.rate_plot)}
         self._ghost_range: tuple[float, float, float, float] | None = None
-        self.ghost_label = QLabel("")
+        self.ghost_title = ""
+        # Named inside the loss plot (its top right stays empty: the view leaves x room to grow).
+        self.ghost_legend = self.loss_plot.addLegend(offset=(-5, 5))
+        self.ghost_legend.setVisible(False)
 
         self.log_loss = QCheckBox("log-scale loss")
         self.log_loss.toggled.connect(self.set_log_loss)
         self.status = QLabel("")
         top = QHBoxLayout()
         top.addWidget(self.status, 1)
-        top.addWidget(self.ghost_label)
         top.addWidget(self.device_legend)
         top.addWidget(self.log_loss)
         self.timeline_scroll = QScrollArea()
@@ -423,7 +425,9 @@ class Dashboard(QWidget):
             for curve in self.ghost_curves.values():
                 curve.setData(EMPTY, EMPTY)
             self._ghost_range = None
-            self.ghost_label.setText("")
+            self.ghost_title = ""
+            self.ghost_legend.clear()
+            self.ghost_legend.setVisible(False)
             return
         step, t, loss, rate = (s.column(i).copy() for i in (0, 1, 2, 5))
         self.ghost_curves["loss"].setData(step, loss)
@@ -431,8 +435,10 @@ class Dashboard(QWidget):
         finite = loss[np.isfinite(loss)]
         self._ghost_range = (float(step[0]), float(step[-1]), float(finite.min()), float(finite.max())) \
             if len(finite) else None
-        self.ghost_label.setText(f'<span style="color:{GHOST_COLOR}">&#9644;</span> {label or "previous run"}')
-        self.ghost_label.setToolTip("The faint lines are the previous run's, kept by Run again with this change.")
+        self.ghost_title = label or "previous run"
+        self.ghost_legend.clear()
+        self.ghost_legend.addItem(self.ghost_curves["loss"], f"before: {self.ghost_title}")
+        self.ghost_legend.setVisible(True)
 
     def stop(self) -> None:
         self.timer.stop()
@@ -678,3 +684,4 @@ class Dashboard(QWidget):
             plot.titleLabel.setText(plot.titleLabel.text, color=fg.name())
         for placeholder in self.placeholders.values():
             placeholder.set_color(fg)
+        self.ghost_legend.setLabelTextColor(fg)

@@ -454,7 +454,8 @@ class MainWindow(Recordings, QMainWindow):
     def _on_finished(self) -> None:
         c = self.controller
         if c.last_start is not None and c.last_end is not None and c.metrics_path is not None:
-            self._add_session_run(SessionRun(self._run_title(self.data), path=c.metrics_path))
+            self._add_session_run(SessionRun(self._run_title(self.data, len(self.session_runs) + 1),
+                                              path=c.metrics_path))
         self.dashboard.stop()
         self._set_state("idle")
         if self._closing:

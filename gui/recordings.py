@@ -23,13 +23,16 @@ class Recordings:
 
     # ---- the session's runs -------------------------------------------------------------------
 
-    def _run_title(self, data: RunData) -> str:
+    @staticmethod
+    def _run_title(data: RunData, number: int | None = None) -> str:
+        """'#3 fsdp on sim:2, 150 steps, ok' (without the number: the ghost's label)."""
         start, end = data.start, data.end
         if start is None:
             return "previous run"
         steps = data.last_step.step if data.last_step else 0
         status = end.status if end else "unfinished"
-        return f"#{len(self.session_runs) + 1} {start.mode} on {start.config.get('devices', '?')}, {steps} steps, {status}"
+        prefix = f"#{number} " if number is not None else ""
+        return f"{prefix}{start.mode} on {start.config.get('devices', '?')}, {steps} steps, {status}"
 
     def _add_session_run(self, run: SessionRun) -> None:
         self.session_runs.append(run)
@@ -66,6 +69,7 @@ class Recordings:
             return False
         self.close_replay()
         self.banner.hide()
+        self.dashboard.set_ghost(None)  # a ghost belongs to the live run it was kept for
         self.replay = Replay(events, speed, name or (Path(source).name if not isinstance(source, list) else ""), self)
         self.replay.started.connect(self._on_replay_started)
         self.replay.events.connect(self._on_events)

@@ -35,7 +35,7 @@ def test_two_runs_compared_and_the_first_kept_as_a_ghost(window, qtbot, tmp_path
     assert w.controller.last_end.status == "ok"
     ghost = w.dashboard.ghost_curves["loss"]
     np.testing.assert_array_equal(ghost.yData, first_loss)
-    assert "ddp on sim:2" in w.dashboard.ghost_label.text()
+    assert w.dashboard.ghost_title == "ddp on sim:2, 8 steps, ok" and w.dashboard.ghost_legend.isVisible()
     # The two modes train alike: the new curve lies on its ghost.
     np.testing.assert_allclose(w.data.steps.column(2), first_loss, rtol=1e-4)
 
@@ -64,6 +64,7 @@ def test_two_runs_compared_and_the_first_kept_as_a_ghost(window, qtbot, tmp_path
     # A plain Start drops the ghost.
     finish(w, qtbot)
     assert ghost.yData is None or len(ghost.yData) == 0
+    assert not w.dashboard.ghost_legend.isVisible()
     assert len(w.session_runs) == 3
 
 
