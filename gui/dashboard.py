@@ -437,8 +437,12 @@ class Dashboard(QWidget):
             if len(finite) else None
         self.ghost_title = label or "previous run"
         self.ghost_legend.clear()
-        self.ghost_legend.addItem(self.ghost_curves["loss"], f"before: {self.ghost_title}")
+        # A short name: the loss plot can be 200 px wide; the run itself is in the tooltip.
+        self.ghost_legend.addItem(self.ghost_curves["loss"], "previous run")
+        self.ghost_legend.setToolTip(f"The faint line: {self.ghost_title} (kept by Run again with this change)")
         self.ghost_legend.setVisible(True)
+        self._seen.pop("steps", None)  # refit the loss view around the ghost at the next refresh
+        self._seen.pop("all", None)
 
     def stop(self) -> None:
         self.timer.stop()
