@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .config import field_docs, human_bytes
-from .events import CATEGORIES, MemorySample, RunEnded, RunStarted, StepDone, from_dict
+from .events import CATEGORIES, MemorySample, PhaseSpan, RunEnded, RunStarted, StepDone, from_dict
 
 MIN_RUNS, MAX_RUNS = 2, 4
 LETTERS = "ABCD"
@@ -62,6 +62,10 @@ class RunSummary:
     mean_step_s: float | None = None
     """Mean time per step in the run's clock (`clock`)."""
     samples_per_s: float | None = None
+    timeline_step: int = 0
+    """The step `timeline` shows: the last one whose phases were sampled."""
+    timeline: list[tuple[int, str, float, float]] = field(default_factory=list)
+    """(device, phase, start_s, end_s) of that step in the run's clock, from its first span."""
 
     @property
     def config(self) -> dict[str, Any]:
@@ -129,6 +133,9 @@ def summarize(events: Iterable, name: str, source: str = "") -> RunSummary:
     highest: dict[int, int] = {}
     step_time = counted = 0.0
     previous = 0
+    # The run's own clock: a simulated GPU's modelled spans where there are some.
+    clock = "host" if start.clock == "host" else "modelled"
+    spans: dict[int, list[PhaseSpan]] = {}
     for e in it:
         if isinstance(e, StepDone):
             run.steps.append(e.step)
@@ -144,8 +151,15 @@ def summarize(events: Iterable, name: str, source: str = "") -> RunSummary:
             if e.device not in best or total > sum(best[e.device].bytes.values()):
                 best[e.device] = e
             highest[e.device] = max(highest.get(e.device, 0), int(e.peak_bytes))
+        elif isinstance(e, PhaseSpan) and e.clock == clock:
+            spans.setdefault(e.step, []).append(e)
         elif isinstance(e, RunEnded):
             run.end = e
+    if spans:
+        run.timeline_step = max(spans)
+        shown = spans[run.timeline_step]
+        t0 = min(s.start_s for s in shown)
+        run.timeline = [(s.device, s.phase, s.start_s - t0, s.end_s - t0) for s in shown]
     for device in sorted(best):
         s = best[device]
         run.peaks.append(DevicePeak(device, labels.get(device, f"device {device}"), highest[device],

@@ -1,5 +1,6 @@
 """CompareView: two to four runs side by side — loss overlaid, each device's memory by
-category at its peak, step time and throughput, and what differs between their configs.
+category at its peak, step time and throughput, one step's timeline each, and what differs
+between their configs.
 
 The figures come from core.compare (RunSummary); this module only draws them.  Curves and
 bar items are made once, in the constructor, and only get `setData`/`setOpts` afterwards
@@ -21,12 +22,12 @@ from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ..core.compare import MAX_RUNS, RunSummary, differences_text
 from ..core.config import human_bytes
-from ..core.events import CATEGORIES
+from ..core.events import CATEGORIES, PHASES
 from .buffers import MIB
-from .style import CATEGORY_COLORS, device_color, legend_html
+from .style import CATEGORY_COLORS, PHASE_COLORS, device_color, legend_html
 
 BAR_WIDTH = 0.8
-PNG_SIZE = (1500, 950)
+PNG_SIZE = (1500, 1150)
 
 
 def run_color(index: int) -> str:
@@ -60,8 +61,16 @@ class CompareView(QWidget):
         self.rate_bars = pg.BarGraphItem(x=[], height=[], width=BAR_WIDTH, brushes=[])
         self.step_plot.addItem(self.step_bars)
         self.rate_plot.addItem(self.rate_bars)
+        self.timeline_plot = self.plots.addPlot(row=3, col=0, colspan=2,
+                                                title="one step each, per device · x: ms in the run's clock")
+        self.timeline_plot.invertY(True)  # run A on top, as in the table
+        # One item per phase; each of its rectangles is a span of some run's device.
+        self.phase_bars = {p: pg.BarGraphItem(x0=[], x1=[], y0=[], height=[], brush=PHASE_COLORS[p],
+                                              pen=pg.mkPen(None)) for p in PHASES}
+        for item in self.phase_bars.values():
+            self.timeline_plot.addItem(item)
         fg = pal.color(pal.ColorRole.Text)
-        for plot in (self.loss_plot, self.memory_plot, self.step_plot, self.rate_plot):
+        for plot in (self.loss_plot, self.memory_plot, self.step_plot, self.rate_plot, self.timeline_plot):
             plot.getAxis("left").enableAutoSIPrefix(False)
             for name in ("left", "bottom"):
                 plot.getAxis(name).setPen(fg)
@@ -71,7 +80,8 @@ class CompareView(QWidget):
         self.plots.ci.layout.setRowStretchFactor(0, 3)
         self.plots.ci.layout.setRowStretchFactor(1, 3)
         self.plots.ci.layout.setRowStretchFactor(2, 2)
-        self.category_legend = QLabel(legend_html(CATEGORY_COLORS))
+        self.plots.ci.layout.setRowStretchFactor(3, 2)
+        self.category_legend = QLabel(legend_html(CATEGORY_COLORS) + " &nbsp; &nbsp; " + legend_html(PHASE_COLORS))
         self.summary = QLabel(textFormat=Qt.TextFormat.RichText, wordWrap=True)
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         layout = QVBoxLayout(self)
@@ -100,6 +110,7 @@ class CompareView(QWidget):
         self.loss_plot.enableAutoRange()
         self._draw_memory()
         self._draw_speed()
+        self._draw_timeline()
         self.summary.setText(self.summary_html())
 
     def _draw_memory(self) -> None:
@@ -130,6 +141,25 @@ class CompareView(QWidget):
         for plot in (self.step_plot, self.rate_plot):
             plot.getAxis("bottom").setTicks(ticks)
             plot.enableAutoRange()
+
+    def _draw_timeline(self) -> None:
+        rows: dict[str, list[tuple[float, float, float]]] = {p: [] for p in PHASES}
+        ticks = []
+        row = 0
+        for run in self.runs:
+            devices = sorted({d for d, *_ in run.timeline})
+            labels = {p.device: p.label for p in run.peaks}
+            for d in devices:
+                ticks.append((float(row + devices.index(d)), f"{run.name} {labels.get(d, d)} · step {run.timeline_step}"))
+            for d, phase, start, end in run.timeline:
+                if phase in rows:
+                    rows[phase].append((start * 1e3, end * 1e3, row + devices.index(d)))
+            row += len(devices)
+        for phase, item in self.phase_bars.items():
+            spans = np.asarray(rows[phase], dtype=float).reshape(-1, 3)
+            item.setOpts(x0=spans[:, 0], x1=spans[:, 1], y0=spans[:, 2] - 0.4, height=np.full(len(spans), 0.8))
+        self.timeline_plot.getAxis("left").setTicks([ticks])
+        self.timeline_plot.enableAutoRange()
 
     def summary_html(self) -> str:
         """The runs as a small table and what differs between their configs."""

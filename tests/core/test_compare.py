@@ -61,6 +61,12 @@ def test_csv_peaks_equal_the_events_files(recorded, tmp_path, capsys):
     assert a.final_loss == pytest.approx(b.final_loss, rel=1e-4)
     assert b.peaks[0].bytes["params"] < 0.6 * a.peaks[0].bytes["params"]
     assert a.mean_step_s > 0 and a.samples_per_s == pytest.approx(8 / a.mean_step_s)
+    # One sampled step's timeline each, from its first span: every device; the pipeline waits.
+    c = compare.summarize(compare.read_file(recorded[2]), "C")
+    for run in (a, b, c):
+        assert run.timeline_step > 0 and {d for d, *_ in run.timeline} == {0, 1}
+        assert min(t[2] for t in run.timeline) == 0.0
+    assert any(phase == "idle" for _, phase, *_ in c.timeline)
 
 
 def test_differences_in_words():

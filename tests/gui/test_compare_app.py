@@ -51,6 +51,8 @@ def test_two_runs_compared_and_the_first_kept_as_a_ghost(window, qtbot, tmp_path
     params = view.memory_bars["params"].opts["height"]
     assert len(params) == 4 and params[2] < 0.6 * params[0]
     assert all(h > 0 for h in view.rate_bars.opts["height"])
+    # One step's timeline each: forward spans on all four rows (2 runs x 2 devices).
+    assert sorted(set(view.phase_bars["forward"].opts["y0"] + 0.4)) == [0, 1, 2, 3]
 
     # Untick one: fewer than two runs is a hint, not a comparison.
     w.compare_dialog.list.item(0).setCheckState(w.compare_dialog.list.item(0).checkState().Unchecked)
