@@ -25,6 +25,8 @@ def test_two_runs_compared_and_the_first_kept_as_a_ghost(window, qtbot, tmp_path
     assert not w.again_action.isEnabled() and not w.compare_action.isEnabled()
     finish(w, qtbot)
     first_loss = w.data.steps.column(2).copy()
+    first_total = w.data.devices[0].memory.column(6).copy()  # MiB: the categories' running sum
+    first_peak = w.data.devices[0].peak_bytes / 2**20
     first_path = w.controller.metrics_path
 
     # Run again with one change: the first run's loss stays behind the second as a ghost.
@@ -36,6 +38,10 @@ def test_two_runs_compared_and_the_first_kept_as_a_ghost(window, qtbot, tmp_path
     ghost = w.dashboard.ghost_curves["loss"]
     np.testing.assert_array_equal(ghost.yData, first_loss)
     assert w.dashboard.ghost_title == "ddp on sim:2, 8 steps, ok" and w.dashboard.ghost_legend.isVisible()
+    # ...and each device's peak as a dashed line: FSDP's memory lies well under DDP's.
+    memory_ghost = w.dashboard.mem_plots[0].ghost
+    assert memory_ghost.isVisible() and memory_ghost.value() == first_peak
+    assert w.data.devices[0].memory.column(6).max() < 0.8 * first_total.max()
     # The two modes train alike: the new curve lies on its ghost.
     np.testing.assert_allclose(w.data.steps.column(2), first_loss, rtol=1e-4)
 
@@ -67,6 +73,7 @@ def test_two_runs_compared_and_the_first_kept_as_a_ghost(window, qtbot, tmp_path
     finish(w, qtbot)
     assert ghost.yData is None or len(ghost.yData) == 0
     assert not w.dashboard.ghost_legend.isVisible()
+    assert not memory_ghost.isVisible()
     assert len(w.session_runs) == 3
 
 
