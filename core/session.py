@@ -66,6 +66,8 @@ def load(path: str | Path) -> Session:
     except (json.JSONDecodeError, RecursionError):
         doc = None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        if text.lstrip().startswith('{"event":"start"'):  # a run's events file, not a session
+            raise SessionError(f"{path} is an events file, not a session: play it with paralab replay {path}")
         raise SessionError(f"{path} is not a paralab session (saved with File › Save session…)")
     if not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
         raise SessionError(f"{path} was saved by a newer paralab (session version {doc.get('version')!r})")

@@ -30,6 +30,7 @@ def test_config_seed_and_events_round_trip(tmp_path):
     (None, "does not exist"),
     ("not json", "is not a paralab session"),
     ('{"format": "something-else"}', "is not a paralab session"),
+    ('{"event":"start","mode":"single"}\n{"event":"end"}\n', "is an events file, not a session: play it"),
     (json.dumps({"format": FORMAT, "version": 99, "config": {}}), "saved by a newer paralab"),
     (json.dumps({"format": FORMAT, "version": 1, "config": {"bogus": 1}}), "unknown setting 'bogus'"),
     (json.dumps({"format": FORMAT, "version": 1, "config": {}, "events": [{"event": "step"}]}), "cannot be read"),
