@@ -20,6 +20,8 @@ from .config import field_docs, human_bytes
 from .events import CATEGORIES, MemorySample, PhaseSpan, RunEnded, RunStarted, StepDone, from_dict
 
 MIN_RUNS, MAX_RUNS = 2, 4
+MAX_LINE = 1 << 24
+"""No event line is near this long (16 MiB); a longer one is another kind of file."""
 LETTERS = "ABCD"
 IGNORED_KEYS = ("name", "description")
 """Titles, not settings: two runs of one preset under other names still train alike."""
@@ -102,13 +104,15 @@ def read_file(path: str | Path) -> list:
     events: list = []
     try:
         with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+            # Lines are read at most MAX_LINE at a time: a huge file with no newline is not
+            # swallowed whole (its first piece fails to parse and ends the reading).
+            for n, line in enumerate(iter(lambda: f.readline(MAX_LINE), ""), 1):
                 line = line.strip()
                 if not line:
                     continue
                 try:
                     events.append(from_dict(json.loads(line)))
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError, ValueError):
                     if n == 1:  # a torn line later is a crash's trace; a bad first line is another file
                         break
     except UnicodeDecodeError:

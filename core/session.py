@@ -22,6 +22,8 @@ from .events import RunStarted, from_dict, to_json
 
 FORMAT = "paralab-session"
 VERSION = 1
+MAX_BYTES = 1 << 30
+"""A session holds a config and at most one run's events: larger is something else."""
 
 
 class SessionError(ValueError):
@@ -51,19 +53,26 @@ def save(path: str | Path, config: RunConfig, events: list | None = None) -> Non
 def load(path: str | Path) -> Session:
     """Read a session file; SessionError with a sentence when it cannot be."""
     path = Path(path)
+    if path.is_dir():
+        raise SessionError(f"{path} is a folder; give a session file (.json)")
+    if path.exists() and not path.is_file():  # /dev/zero, a pipe: it would never end
+        raise SessionError(f"{path} is not a file; give a session file (.json)")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
         raise SessionError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise SessionError(f"{path} is a folder; give a session file (.json)") from None
-    except UnicodeDecodeError:
-        raise SessionError(f"{path} is not a paralab session (it is not text)") from None
     except OSError as e:
         raise SessionError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_BYTES:
+        raise SessionError(f"{path} is larger than {MAX_BYTES >> 20} MiB: not a paralab session")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SessionError(f"{path} is not a paralab session (it is not text)") from None
     try:
         doc = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         doc = None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         if text.lstrip().startswith('{"event":"start"'):  # a run's events file, not a session
@@ -80,7 +89,7 @@ def load(path: str | Path) -> Session:
         return Session(config)
     try:
         parsed = [from_dict(e) for e in events]
-    except (KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError, ValueError):
         raise SessionError(f"{path}: its recorded run cannot be read (an event is damaged)") from None
     if not parsed or not isinstance(parsed[0], RunStarted):
         raise SessionError(f"{path}: its recorded run does not begin with a 'start' event")

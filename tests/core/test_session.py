@@ -42,3 +42,24 @@ def test_bad_files_are_a_sentence(tmp_path, content, words):
         path.write_text(content)
     with pytest.raises(SessionError, match=words.replace("(", r"\(")):
         load(path)
+
+
+def test_hostile_files_are_a_sentence_for_open_and_compare(tmp_path, capsys):
+    """The files that config loading is tried with (binary, /dev/zero, 100 000 nested brackets,
+    a folder…): `paralab open` and `paralab compare` answer each with one sentence."""
+    from paralab.core.cli import main
+
+    from tests.core.test_hostile import _files
+
+    (tmp_path / "f").mkdir()
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"event":"start","mode":"single","devices":[],"config":{}}\n')
+    files = _files(str(tmp_path / "f"))
+    (tmp_path / "f" / "deep.json").write_text("[" * 100_000)
+    files["deep-json"] = str(tmp_path / "f" / "deep.json")
+    for name, path in files.items():
+        with pytest.raises(SessionError):
+            load(path)
+        assert main(["compare", str(good), path]) == 2, name
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (name, err)
