@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QEvent, Qt
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ..core.compare import MAX_RUNS, RunSummary, differences_text
@@ -41,12 +41,8 @@ class CompareView(QWidget):
         super().__init__(parent)
         self.runs: list[RunSummary] = []
         self.plots = pg.GraphicsLayoutWidget()
-        # Plots follow the Qt palette (light or dark theme), as the dashboard's do.
-        pal = self.palette()
-        self.plots.setBackground(pal.color(pal.ColorRole.Base))
         self.loss_plot = self.plots.addPlot(row=0, col=0, colspan=2, title="loss · x: step")
-        self.legend = self.loss_plot.addLegend(offset=(-10, 10), labelTextColor=self.palette().color(
-            self.palette().ColorRole.Text))
+        self.legend = self.loss_plot.addLegend(offset=(-10, 10))
         self.loss_curves = [self.loss_plot.plot(pen=pg.mkPen(run_color(i))) for i in range(MAX_RUNS)]
         self.memory_plot = self.plots.addPlot(row=1, col=0, colspan=2,
                                               title="peak memory per device, by category (MiB)")
@@ -69,13 +65,9 @@ class CompareView(QWidget):
                                               pen=pg.mkPen(None)) for p in PHASES}
         for item in self.phase_bars.values():
             self.timeline_plot.addItem(item)
-        fg = pal.color(pal.ColorRole.Text)
-        for plot in (self.loss_plot, self.memory_plot, self.step_plot, self.rate_plot, self.timeline_plot):
+        self.all_plots = (self.loss_plot, self.memory_plot, self.step_plot, self.rate_plot, self.timeline_plot)
+        for plot in self.all_plots:
             plot.getAxis("left").enableAutoSIPrefix(False)
-            for name in ("left", "bottom"):
-                plot.getAxis(name).setPen(fg)
-                plot.getAxis(name).setTextPen(fg)
-            plot.titleLabel.setText(plot.titleLabel.text, color=fg.name())
             plot.setMenuEnabled(False)
         self.plots.ci.layout.setRowStretchFactor(0, 3)
         self.plots.ci.layout.setRowStretchFactor(1, 3)
@@ -88,6 +80,24 @@ class CompareView(QWidget):
         layout.addWidget(self.summary)
         layout.addWidget(self.category_legend)
         layout.addWidget(self.plots, 1)
+        self._apply_palette()
+
+    def changeEvent(self, event: QEvent) -> None:  # noqa: N802 (Qt's name)
+        if event.type() in (QEvent.Type.PaletteChange, QEvent.Type.StyleChange):
+            self._apply_palette()
+        super().changeEvent(event)
+
+    def _apply_palette(self) -> None:
+        # Plots follow the Qt palette (light or dark theme), as the dashboard's do.
+        pal = self.palette()
+        fg = pal.color(pal.ColorRole.Text)
+        self.plots.setBackground(pal.color(pal.ColorRole.Base))
+        self.legend.setLabelTextColor(fg)
+        for plot in self.all_plots:
+            for name in ("left", "bottom"):
+                plot.getAxis(name).setPen(fg)
+                plot.getAxis(name).setTextPen(fg)
+            plot.titleLabel.setText(plot.titleLabel.text, color=fg.name())
 
     # ---- drawing --------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import bisect
 import time
 
 from PySide6.QtCore import QObject, Qt, QTimer, Signal
+from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QSlider, QWidget
 
 from ..core.events import MemorySample, PhaseSpan, RunEnded, RunStarted, StepDone, UtilizationSample
@@ -159,6 +160,8 @@ class ReplayBar(QWidget):
         self.slider.setToolTip("Drag to any moment of the recording")
         self.slider.sliderMoved.connect(self._scrub)
         self.time_label = QLabel("")
+        self.play_button.setShortcut(QKeySequence(Qt.Key.Key_Space))  # as in any player
+        self.play_button.setToolTip("Play or pause the recording (Space)")
         close = QPushButton("Close replay")
         close.clicked.connect(self.closed.emit)
         row = QHBoxLayout(self)
