@@ -77,8 +77,10 @@ class Recordings:
         self.replay.finished.connect(self.dashboard.stop)
         self.replay.finished.connect(self._update_actions)  # Run again: the recording as the ghost
         self._add_session_run(SessionRun(f"recording {self.replay.source or 'opened'}", events=events))
-        try:  # the form shows what was recorded, when this version can read it
-            self.panel.set_config(RunConfig.from_dict(events[0].config))
+        try:  # the form shows what was recorded, when this version and the form can hold it
+            recorded = RunConfig.from_dict(events[0].config)
+            if not self.panel.beyond_the_form(recorded):
+                self.panel.set_config(recorded)
         except (ConfigError, TypeError, AttributeError):
             pass
         self.replay_bar.bind(self.replay)

@@ -105,3 +105,25 @@ def test_paralab_replay_bad_input_exits_2_before_any_window(tmp_path, capsys, mo
     assert entry.main(["replay", *(a.format(notes=notes) for a in args)]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+def test_a_gpu_workstations_recording_plays_on_a_machine_without_gpus(window, qtbot):
+    """Recorded on cuda:0,1 (NVML utilization, reserved memory), shown here without a GPU:
+    the views fill with the recorded devices."""
+    from paralab.core.events import MemorySample, RunEnded, RunStarted, StepDone, UtilizationSample
+
+    cfg = RunConfig().with_overrides({"mode": "ddp", "devices": "cuda:0,1", "train.steps": 3})
+    gpus = [{"index": i, "label": f"cuda:{i}", "kind": "cuda", "capacity_bytes": 80 * 2**30} for i in (0, 1)]
+    events = [RunStarted("ddp", gpus, cfg.to_dict(), 2)]
+    for s in (1, 2, 3):
+        events.append(StepDone(s, 1.0 / s, 0.1 * s, 1000.0))
+        for d in (0, 1):
+            events.append(MemorySample(s, d, {"params": 2**30, "activations": s * 2**28}, 2**31, 80 * 2**30, 0.1 * s,
+                                       extra={"reserved": 3 * 2**30, "non_torch": 500 * 2**20}))
+            events.append(UtilizationSample(d, 90.0, 0.1 * s, "nvml"))
+    events.append(RunEnded("ok", "finished 3 steps", None, 0.35, 3))
+    assert window.open_run(events, speed=1024, name="workstation.jsonl")
+    qtbot.waitUntil(lambda: window.replay.at_end, timeout=10_000)
+    assert window.data.labels == ["cuda:0", "cuda:1"] and len(window.data.steps) == 3
+    assert window.data.devices[1].util_source == "nvml"
+    assert window.panel.config().mode == "ddp"  # the recorded settings (GPUs the form cannot offer here)
