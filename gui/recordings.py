@@ -15,6 +15,7 @@ from ..core.config import ConfigError, RunConfig
 from ..core.events import RunStarted
 from .buffers import RunData
 from .compare_dialog import CompareDialog, SessionRun
+from .controller import KEEP_RUNS
 from .replay import Replay
 
 
@@ -35,8 +36,12 @@ class Recordings:
         return f"{prefix}{start.mode} on {start.config.get('devices', '?')}, {steps} steps, {status}"
 
     def _add_session_run(self, run: SessionRun) -> None:
+        if run.events is not None and any(r.events is not None and r.title == run.title
+                                          and len(r.events) == len(run.events) for r in self.session_runs):
+            return  # the same recording opened again (or scrubbed from a session): listed once
         self.session_runs.append(run)
-        self.session_runs = [r for r in self.session_runs if r.available()]
+        # The last KEEP_RUNS: older runs' files are gone, and recordings are held in memory.
+        self.session_runs = [r for r in self.session_runs if r.available()][-KEEP_RUNS:]
         if self.compare_dialog is not None and self.compare_dialog.isVisible():
             self.compare_dialog.set_runs(self.session_runs)
         self._update_actions()

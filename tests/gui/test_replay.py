@@ -63,6 +63,11 @@ def test_replay_ends_with_the_live_runs_plotted_data(window, qtbot, no_leftover_
     assert_same(live, snapshot(w.data))
     w.close_replay()
     assert not w.replay_bar.isVisible() and w.replay is None
+    # The live run and its recording are two runs of the session; opening it again adds none.
+    assert [r.title.split()[0] for r in w.session_runs] == ["#1", "recording"]
+    assert w.open_run(w.controller.metrics_path, speed=1024)
+    assert len(w.session_runs) == 2
+    w.close_replay()
 
 
 def test_bad_recordings_are_a_banner(window, tmp_path):
