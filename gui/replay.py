@@ -22,6 +22,7 @@ from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QSlider, QWidget
 from ..core.events import MemorySample, PhaseSpan, RunEnded, RunStarted, StepDone, UtilizationSample
 
 TICK_MS = 30
+SCRUB_MS = 80
 MIN_SPEED, MAX_SPEED = 1 / 16, 1024.0
 
 
@@ -159,6 +160,11 @@ class ReplayBar(QWidget):
         self.slider = QSlider(Qt.Orientation.Horizontal)
         self.slider.setToolTip("Drag to any moment of the recording")
         self.slider.sliderMoved.connect(self._scrub)
+        # Scrubbing back replays everything up to there (a long recording: most of a second),
+        # so drags are applied at most every SCRUB_MS, the last position always.
+        self._scrub_to: float | None = None
+        self._scrub_timer = QTimer(self, singleShot=True, interval=SCRUB_MS)
+        self._scrub_timer.timeout.connect(self._apply_scrub)
         self.time_label = QLabel("")
         self.play_button.setShortcut(QKeySequence(Qt.Key.Key_Space))  # as in any player
         self.play_button.setToolTip("Play or pause the recording (Space)")
@@ -201,8 +207,14 @@ class ReplayBar(QWidget):
             self._update()
 
     def _scrub(self, value: int) -> None:
-        if self.replay is not None:
-            self.replay.seek(value / 1000)
+        self._scrub_to = value / 1000
+        if not self._scrub_timer.isActive():
+            self._scrub_timer.start()
+
+    def _apply_scrub(self) -> None:
+        to, self._scrub_to = self._scrub_to, None
+        if self.replay is not None and to is not None:
+            self.replay.seek(to)
 
     def _moved(self, position: float) -> None:
         if not self.slider.isSliderDown():

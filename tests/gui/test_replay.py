@@ -132,3 +132,32 @@ def test_a_gpu_workstations_recording_plays_on_a_machine_without_gpus(window, qt
     assert window.data.labels == ["cuda:0", "cuda:1"] and len(window.data.steps) == 3
     assert window.data.devices[1].util_source == "nvml"
     assert window.panel.config().mode == "ddp"  # the recorded settings (GPUs the form cannot offer here)
+
+
+def test_scrubbing_the_slider_shows_the_run_as_it_was_then(qtbot):
+    from paralab.core.events import RunEnded, RunStarted, StepDone
+    from paralab.gui.buffers import RunData
+    from paralab.gui.replay import ReplayBar
+
+    events = [RunStarted("single", [], {}), *(StepDone(s, 1.0 / s, 0.1 * s, 10.0, host_s=0.1 * s) for s in range(1, 41)),
+              RunEnded("ok", time_s=4.05)]
+    data = RunData()
+    replay = Replay(events, speed=1)
+    replay.started.connect(data.reset)
+    replay.events.connect(data.add)
+    starts = []
+    replay.started.connect(starts.append)
+    bar = ReplayBar()
+    qtbot.addWidget(bar)
+    bar.bind(replay)
+    replay.play()
+    bar.toggle()  # pause
+    assert not replay.playing and bar.play_button.text() == "Play"
+    for value in (4000, 3000, 2000, 1000):  # a drag backwards: only the last position counts
+        bar._scrub(value)
+    qtbot.waitUntil(lambda: data.last_step is not None and data.last_step.step == 10, timeout=5000)
+    assert len(data.steps) == 10 and data.end is None
+    assert len(starts) == 1  # one seek, forward: the drag's earlier positions were never replayed
+    bar._scrub(4050)
+    qtbot.waitUntil(lambda: data.end is not None, timeout=5000)
+    assert len(data.steps) == 40 and bar.play_button.text() == "Play again"
