@@ -53,7 +53,9 @@ def load_config(args: argparse.Namespace, check: bool = True) -> RunConfig:
         cfg = cfg.with_overrides(getattr(args, "overrides", []) or [])
     except ConfigError as e:
         raise BadInput(str(e)) from None
-    problems = cfg.validate() if check else []
+    from . import validation  # imports torch: not for --help
+
+    problems = validation.problems(cfg) if check else []
     if problems:
         raise BadInput("\n".join(problems))
     return cfg
@@ -216,6 +218,8 @@ class Progress:
         self.last: Any = None
         self.first: Any = None
         self.modelled = False
+        self.tokens = cfg.model.seq_len if cfg.model.kind == "transformer" else 0
+        """Tokens per sample (a transformer's sequence), for tokens/s."""
 
     def start(self, e: Any) -> None:
         """The run's clock, said once: what its times are."""
@@ -252,8 +256,9 @@ class Progress:
             filled = int(frac * 24)
             drawn = "▕" + "█" * filled + "░" * (24 - filled) + "▏ "
         clock = " (modelled)" if self.modelled else ""
+        tokens = f" {_si(e.samples_per_s * self.tokens)} tokens/s" if self.tokens else ""
         return (f"step {e.step:>{len(str(self.total))}}/{self.total} {drawn}loss {loss}  "
-                f"{_si(e.samples_per_s)} samples/s{clock}  ETA {eta}")
+                f"{_si(e.samples_per_s)} samples/s{tokens}{clock}  ETA {eta}")
 
     def close(self) -> None:
         if self.tty and not self.quiet and self.last is not None:

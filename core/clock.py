@@ -15,61 +15,16 @@ on streams across ranks.  The numbers stay real: only the time is modelled.
 
 from __future__ import annotations
 
-import importlib.resources
 import math
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import tomllib
 import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
+from .gpus import GpuModel
 from .recorder import tensors_in
-
-USER_GPUS = Path.home() / ".config" / "paralab" / "gpus.toml"
-
-
-@dataclass(frozen=True)
-class GpuModel:
-    name: str
-    fp32_tflops: float
-    tf32_tflops: float
-    bf16_tflops: float
-    fp16_tflops: float
-    memory_bandwidth_gbs: float
-    memory_gib: float
-    launch_us: float
-    link: str
-    link_gbs: float
-    link_latency_us: float
-    source: str = ""
-
-    def peak_flops(self, dtype: torch.dtype, tf32: bool = False) -> float:
-        if dtype == torch.bfloat16:
-            return self.bf16_tflops * 1e12
-        if dtype == torch.float16:
-            return self.fp16_tflops * 1e12
-        return (self.tf32_tflops if tf32 else self.fp32_tflops) * 1e12
-
-    def describe(self, n: int) -> str:
-        return f"modelled: {n} × {self.name} over {self.link}"
-
-
-def gpu_models() -> dict[str, GpuModel]:
-    """The shipped models (resources/gpus.toml), then the person's own (same form)."""
-    text = importlib.resources.files("paralab.resources").joinpath("gpus.toml").read_text(encoding="utf-8")
-    tables = tomllib.loads(text)
-    if USER_GPUS.is_file():
-        try:
-            tables.update(tomllib.loads(USER_GPUS.read_text(encoding="utf-8")))
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-            pass  # validation names the problem; the shipped models still work
-    names = {f.name for f in fields(GpuModel)} - {"name"}
-    return {name: GpuModel(name=name, **{k: v for k, v in t.items() if k in names})
-            for name, t in tables.items() if isinstance(t, dict) and names - {"source"} <= set(t)}
-
 
 # ---- one operation ------------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 Every field has a docstring (the string literal under it); the GUI turns them into
 tooltips and the CLI into `--set` help.  Nothing else in paralab parses user input:
 values arrive here as text (`--set train.lr=0.01`, a TOML file, a form field), are
-converted with `coerce`, and `validate` returns every problem as a sentence a person
-can act on.
+converted with `coerce`, and `core.validation.problems` returns every problem as a
+sentence a person can act on.
 """
 
 from __future__ import annotations
@@ -18,15 +18,6 @@ from typing import Any
 
 import tomllib
 
-MODES = (
-    "single",
-    "data-parallel",
-    "model-parallel",
-    "ddp",
-    "pipeline",
-    "fsdp",
-    "tensor-parallel",
-)
 MODELS = ("linear", "split-nn", "mlp", "transformer")
 DATASETS = ("auto", "regression", "constant-target", "teacher", "tokens")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -152,6 +143,18 @@ class PlacementConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class MeshConfig:
+    dp: int = 1
+    """mode=mesh: replicas of the model (data parallel); with mesh.shard > 1 this is HSDP's replicate axis."""
+    shard: int = 1
+    """mode=mesh: devices each parameter, gradient and optimizer state is sharded over (FSDP)."""
+    tp: int = 1
+    """mode=mesh: devices each block's weight matrices are split over (tensor parallel)."""
+    pp: int = 1
+    """mode=mesh: pipeline stages (consecutive layers per stage; train.micro_batches flow through)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SimConfig:
     memory: Bytes = Bytes(24 * 2**30)
     """Memory capacity of each simulated device, e.g. 24GiB. Simulated devices compute on the CPU; only this capacity is made up."""
@@ -172,7 +175,7 @@ class TelemetryConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RunConfig:
     mode: str = "single"
-    """Parallelism mode: single, data-parallel, model-parallel, ddp, pipeline, fsdp or tensor-parallel."""
+    """Parallelism mode: single, data-parallel, model-parallel, ddp, pipeline, fsdp, tensor-parallel, or mesh (the mesh.* degrees composed)."""
     devices: str = "auto"
     """Devices: 'auto' (every GPU, or sim:2 without one), 'sim:N' (N simulated devices), 'cuda:0,1' (those GPUs), 'cuda:0xN' (N logical devices sharing GPU 0)."""
     seed: int = 0
@@ -185,6 +188,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
@@ -242,14 +246,6 @@ class RunConfig:
         for key, value in items:
             config = set_value(config, key, value)
         return config
-
-    # ---- checking --------------------------------------------------------------------------
-
-    def validate(self, *, resolve_devices: bool = True) -> list[str]:
-        """Every problem with this config, each a sentence a person can act on."""
-        from .validation import problems
-
-        return problems(self, resolve_devices=resolve_devices)
 
 
 # ---- dotted keys -----------------------------------------------------------------------------

@@ -15,18 +15,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from . import nvml
 from .config import ConfigError, human_bytes, shown
+from .nvml import GpuInfo
 
 
 class DeviceError(ConfigError):
     """A device spec that is malformed or names hardware that is not there."""
-
-
-@dataclass(frozen=True, slots=True)
-class GpuInfo:
-    index: int
-    name: str
-    total_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +123,4 @@ def count(text: str) -> int | None:
 
 def list_gpus() -> list[GpuInfo]:
     """GPUs as NVML sees them; an empty list when there is no driver or no GPU."""
-    from . import nvml
-
     return nvml.list_gpus()

@@ -22,39 +22,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import validation
 from .config import ConfigError, RunConfig, human_bytes
 from .devices import Device, resolve
 from .events import CATEGORIES, MemorySample
+from .predicted import DeviceEstimate, EstimateError
 
 METHODS = ("both", "formula", "trace")
-
-
-class EstimateError(RuntimeError):
-    """The trace could not run; the message says why."""
-
-
-@dataclass
-class DeviceEstimate:
-    device: int
-    label: str
-    peak_bytes: int
-    bytes: dict[str, int]
-    capacity_bytes: int
-    method: str
-    phase: str = ""
-    """Trace: the phase in which the peak was reached."""
-    modelled: dict[str, Any] | None = None
-    """Trace, on a GPU model: the step as that GPU would take it (step_s, busy share,
-    communication figures, spans of (phase, start, end) in seconds)."""
-
-    @property
-    def fits(self) -> bool:
-        return self.peak_bytes <= self.capacity_bytes
-
-    def to_json(self) -> dict[str, Any]:
-        return {"device": self.device, "label": self.label, "peak_bytes": self.peak_bytes,
-                "bytes": dict(self.bytes), "capacity_bytes": self.capacity_bytes, "fits": self.fits,
-                "phase": self.phase, "modelled": self.modelled}
 
 
 @dataclass
@@ -121,7 +95,7 @@ def estimate(cfg: RunConfig, method: str = "both", devices: list[Device] | None 
     `notes` says why.  "trace" alone raises EstimateError instead."""
     if method not in METHODS:
         raise ConfigError(f"estimate method {method!r} is not one of: {', '.join(METHODS)}")
-    problems = cfg.validate(resolve_devices=devices is None)
+    problems = validation.problems(cfg, resolve_devices=devices is None)
     if problems:
         raise ConfigError("; ".join(problems))
     from .formula import formula

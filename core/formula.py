@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import ModelConfig, RunConfig
 from .devices import Device
-from .estimate import DeviceEstimate
+from .predicted import DeviceEstimate
 
 FLOAT = 4  # paralab trains in float32
 LONG = 8
@@ -52,7 +52,9 @@ def shapes(cfg: RunConfig) -> Shapes:
         d_in = 1 if m.kind == "linear" else 10
         saved = [(d_in + w) * FLOAT for w in widths]
         saved[-1] = (d_in if n == 1 else 0) * FLOAT + 2 * FLOAT  # the loss keeps output and target
-        return Shapes(params, saved, [w * FLOAT for w in widths], (d_in + 1) * FLOAT, FLOAT, 0.0,
+        # Tensor parallel cuts the SplitNN's 50 hidden units (the ReLU's saved output).
+        return Shapes(params, saved, [w * FLOAT for w in widths], (d_in + 1) * FLOAT, FLOAT,
+                      50.0 * FLOAT if n == 3 else 0.0,
                       (False,) if n == 1 else (True, True, False), loss=2 * FLOAT)
     if m.kind == "mlp":
         w = m.width
@@ -112,7 +114,7 @@ def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
         out = [device(shard[r], per, acts=sh.fixed + per * sum(sh.saved) + slices,
                       other=per * sh.unsaved, temps=gathered) for r in range(n)]
     elif mode == "tensor-parallel":
-        shard = _sharded_bytes(cfg, n, _tensor_parallel_dim)
+        shard = _sharded_bytes(cfg, n, _tensor_parallel_dims(cfg))
         acts = whole - B * sh.split * (1 - 1 / n)
         out = [device(shard[r], B, acts=acts, other=B * sh.unsaved) for r in range(n)]
     elif mode == "data-parallel":
@@ -155,8 +157,50 @@ def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
             fwd = device(p, in_flight, layers, grads=grads, acts=acts, other=buffers)
             bwd = device(p, 0, layers, acts=0, other=buffers)
             out.append(max(fwd, bwd, key=lambda b: sum(b.values())))
+    elif mode == "mesh":
+        out = [_mesh_device(cfg, sh, r, device) for r in range(n)]
     return [DeviceEstimate(d.index, d.label, sum(b.values()), b, d.capacity_bytes, "formula")
             for d, b in zip(devices, out)]
+
+
+def _mesh_device(cfg: RunConfig, sh: Shapes, rank: int, device: Any) -> dict[str, int]:
+    """One rank of a composed mesh: its stage's layers (pp), each block's tp slice, that
+    sharded over `shard` (padded as FSDP pads), its share of the batch (dp × shard) with
+    the pipeline's micro-batches in flight; a block's split activations divided by tp."""
+    from .models import split_layers, tensor_splits
+    from .plan import Plan
+
+    t, plan = cfg.train, Plan.of(cfg, 0)
+    at = plan.coordinate(rank)
+    stage, ways = at["pp"], plan.batch_ways
+    layers = split_layers(len(sh.params), plan.pp, cfg.placement.split)[stage]
+    first, last = stage == 0, stage == plan.pp - 1
+    params, largest, tp_dim = 0, 0, _tensor_parallel_dims(cfg)
+    for i in layers:
+        held = 0
+        for name, shape in named_shapes(cfg.model):
+            if int(name.split(".")[0]) != i:
+                continue
+            dims = list(shape)
+            dim = tp_dim(name, shape) if plan.tp > 1 else None
+            if dim is not None and dim < len(dims):
+                dims[dim] = chunk_len(dims[dim], plan.tp, at["tp"])
+            whole = math.prod(dims) * FLOAT
+            largest = max(largest, whole) if ways > 1 else 0
+            if plan.shard > 1 and dims:  # FSDP pads dim 0 to a multiple of the shard count
+                whole = -(-dims[0] // plan.shard) * math.prod(dims[1:]) * FLOAT
+            held += whole
+        params += held
+    samples = t.batch_size / ways
+    m = t.micro_batches if plan.pp > 1 else 1
+    in_flight = samples if plan.pp == 1 or t.schedule == "gpipe" else min(m, plan.pp - stage) * samples / m
+    splits = tensor_splits(cfg.model)
+    here = sum(1 for s in splits if s.layers <= set(layers)) / max(len(splits), 1)
+    split = sh.split * here * (1 - 1 / plan.tp)
+    acts = in_flight * (sum(sh.saved[i] for i in layers) - split) + (sh.fixed if first or last else 0)
+    gathered = (2 * largest if cfg.placement.reshard_after_forward else params * plan.shard + largest) if ways > 1 else 0
+    other = in_flight * sh.unsaved if last else samples * sh.out[layers.stop - 1]
+    return device(params, in_flight, layers, acts=acts, other=other, temps=gathered)
 
 
 def _chunks(batch: int, n: int) -> list[range]:
@@ -182,15 +226,12 @@ def _sharded_bytes(cfg: RunConfig, n: int, dim_of: Any) -> list[int]:
     return out
 
 
-def _tensor_parallel_dim(name: str, shape: tuple[int, ...]) -> int | None:
-    """The dim tensor parallel cuts: columns (dim 0) of a block's first Linear (fc1; q, k,
-    v; up), rows (dim 1) of its second (fc2; out; down), whose bias stays whole."""
-    leaf = name.split(".")[-2] if "." in name else ""
-    if leaf in ("fc1", "q", "k", "v", "up"):
-        return 0
-    if leaf in ("fc2", "out", "down"):
-        return 1 if name.endswith("weight") else None
-    return None
+def _tensor_parallel_dims(cfg: RunConfig) -> Any:
+    """dim_of(name, shape) for _sharded_bytes: the dim models.tensor_splits cuts, or None."""
+    from .models import tensor_splits
+
+    dims = {name: dim for split in tensor_splits(cfg.model) for name, dim in split.dims().items()}
+    return lambda name, shape: dims.get(name)
 
 
 @functools.lru_cache(maxsize=8)

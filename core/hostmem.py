@@ -11,10 +11,9 @@ memory estimate of `paralab estimate`.
 from __future__ import annotations
 
 from .config import RunConfig, human_bytes
+from .modes import REGISTRY
 
 FLOAT, LONG = 4, 8
-REPLICATING = ("data-parallel", "ddp")
-"""Modes that hold a full copy of the model on every device."""
 
 
 def data_bytes(cfg: RunConfig) -> int:
@@ -58,13 +57,12 @@ def activation_bytes(cfg: RunConfig) -> int:
 
 def needed(cfg: RunConfig, devices: int, sim: bool) -> tuple[int, str]:
     """(bytes, what they are) this run needs of the host at least."""
-    from .parallel import STRATEGIES, world_size
-
-    ranks = world_size(cfg.mode, devices) if cfg.mode in STRATEGIES else 1
+    ranks = REGISTRY[cfg.mode].world_size(devices) if cfg.mode in REGISTRY else 1
     data = data_bytes(cfg) * ranks
     if not sim:  # the model and activations live on the GPUs
         return data, f"the data set, {human_bytes(data)}"
-    copies = devices if cfg.mode in REPLICATING else 1
+    # The modes that split the batch hold a full copy of the model on every device.
+    copies = devices if cfg.mode in REGISTRY and REGISTRY[cfg.mode].splits == "batch" else 1
     model = param_count(cfg) * FLOAT * 4 * copies  # weights, gradients, two optimizer moments
     acts = activation_bytes(cfg)
     return data + model + acts, (f"the data set {human_bytes(data)}, the model with its gradients and optimizer "

@@ -10,8 +10,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .clock import GpuModel, OpLog, gpu_models, mfu
+from .clock import OpLog, mfu
 from .events import PHASES, PhaseSpan, UtilizationSample
+from .gpus import GpuModel, gpu_models
 from .schedule import ScheduleError, Timeline, idle, schedule
 
 

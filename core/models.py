@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,61 @@ def layer_names(cfg: ModelConfig) -> list[str]:
                 + [f"residual block {i + 1}" for i in range(cfg.depth)]
                 + [f"Linear({cfg.width}, {cfg.out_features})"])
     return ["embedding"] + [f"transformer block {i + 1}" for i in range(cfg.depth)] + ["norm + LM head"]
+
+
+@dataclass(frozen=True)
+class TensorSplit:
+    """A pair of Linears tensor parallel cuts (Megatron): `columns` by their outputs (dim 0
+    of weight and bias), then `rows` by its inputs (dim 1 of its weight; its bias whole),
+    so only the pair's output needs an all-reduce.  Paths are build_model's (`3.fc1`)."""
+
+    columns: tuple[str, ...]
+    rows: str
+    units: int
+    """The outputs `columns` make, that the devices share out."""
+    group: int = 1
+    """Units that stay together (an attention head's dims)."""
+    what: str = ""
+    """The units in words, for the sentence that refuses a split."""
+    fix: str = ""
+    """What to change instead, with {n} for the device count."""
+
+    @property
+    def layers(self) -> set[int]:
+        return {int(path.split(".")[0]) for path in (*self.columns, self.rows)}
+
+    def dims(self) -> dict[str, int | None]:
+        """Parameter name -> the dim it is cut along (None: kept whole)."""
+        out: dict[str, int | None] = {}
+        for path in self.columns:
+            out[f"{path}.weight"] = out[f"{path}.bias"] = 0
+        out[f"{self.rows}.weight"], out[f"{self.rows}.bias"] = 1, None
+        return out
+
+
+def tensor_splits(cfg: ModelConfig) -> list[TensorSplit]:
+    """What tensor parallel cuts in this model: the one description the strategy, the
+    formula and validation read.  The ends of the MLP and the transformer stay whole."""
+    if cfg.kind == "split-nn":  # Linear(10, 50), ReLU, Linear(50, 20): an MLP block
+        return [TensorSplit(("0.0",), "1.0", 50, what="SplitNN's 50 hidden units",
+                            fix="a device count that divides 50 (2, 5 or 10)")]
+    if cfg.kind == "mlp":
+        return [TensorSplit((f"{i}.fc1",), f"{i}.fc2", 2 * cfg.width,
+                            what=f"each MLP block's {2 * cfg.width} hidden units",
+                            fix="a width whose double is a multiple of {n}") for i in range(1, cfg.depth + 1)]
+    if cfg.kind == "transformer":
+        out = []
+        for i in range(1, cfg.depth + 1):
+            # q, k, v by columns = whole heads per device (Attention counts its heads from q).
+            out.append(TensorSplit((f"{i}.attn.q", f"{i}.attn.k", f"{i}.attn.v"), f"{i}.attn.out",
+                                   cfg.heads, group=cfg.width // max(cfg.heads, 1),
+                                   what=f"the {cfg.heads} attention heads",
+                                   fix="a head count that is a multiple of {n}"))
+            out.append(TensorSplit((f"{i}.ffn.up",), f"{i}.ffn.down", 4 * cfg.width,
+                                   what=f"the {4 * cfg.width} feed-forward units",
+                                   fix="a width that is a multiple of {n}"))
+        return out
+    return []
 
 
 def loss_fn(cfg: ModelConfig, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 NA = None
@@ -67,9 +68,14 @@ def handle(index: int) -> Any:
     return query("nvmlDeviceGetHandleByIndex", index)
 
 
-def list_gpus() -> list:
-    from .devices import GpuInfo
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    index: int
+    name: str
+    total_bytes: int
 
+
+def list_gpus() -> list[GpuInfo]:
     count = query("nvmlDeviceGetCount", default=0) or 0
     gpus = []
     for i in range(count):

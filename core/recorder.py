@@ -18,6 +18,7 @@ estimate's trace, on fake tensors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import Any
@@ -30,6 +31,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .memory import MemoryLedger
 
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def quiet() -> Any:
+    """Ops run inside are not the device's work (shape inference on stand-in tensors):
+    the recorder neither counts nor times them."""
+    _local.quiet = getattr(_local, "quiet", 0) + 1
+    try:
+        yield
+    finally:
+        _local.quiet -= 1
 
 
 class Recorder(TorchDispatchMode):
@@ -62,7 +75,7 @@ class Recorder(TorchDispatchMode):
         ledger.raise_pending()
         # The fake kernel of wait_tensor returns a new tensor; the real one returns its input.
         out = args[0] if func is _WAIT and self._fake is not None else func(*args, **kwargs)
-        if active_fake_mode() is not self._fake:
+        if active_fake_mode() is not self._fake or getattr(_local, "quiet", 0):
             return out  # DTensor's shape propagation on its own fake tensors, not the device's work
         ledger.op = func.__name__
         inputs = {id(s) for t in tensors_in((args, kwargs)) if (s := _storage(t)) is not None}

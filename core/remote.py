@@ -7,7 +7,7 @@ its `RankJob`; from then on the same connection carries the rank's Batch/RankDon
 messages, exactly like a forked rank's pipe, and the controller sends `Controls`
 (stop, paused, lr) down it whenever they change.
 
-Rank (`torchrun ... -m paralab.core.worker --controller HOST:PORT`): `remote_main`
+Rank (`torchrun ... -m paralab.core.rank --controller HOST:PORT`): `remote_main`
 connects, says hello, starts a thread that writes the controls it receives into a
 local array (what `worker.Control` reads), and runs the same `worker.main` as a forked
 rank, with torch.distributed initialised from torchrun's rendezvous (env://).  The
@@ -43,8 +43,10 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import AuthenticationError, Client, Listener
 from typing import Any
 
+from . import validation
 from .config import ConfigError, RunConfig
 from .devices import Device, parse_spec, resolve
+from .modes import REGISTRY
 
 CONNECT_RETRY_S = 120.0
 """How long a rank keeps trying to reach a controller that is not listening yet."""
@@ -146,21 +148,19 @@ def authkey() -> tuple[str, bool]:
 def problems(cfg: RunConfig, ranks: int) -> list[str]:
     """What is wrong with running cfg on `ranks` torchrun ranks.  Simulated devices are
     the config's; any other spec means each rank's own cuda:LOCAL_RANK."""
-    from .parallel import STRATEGIES, world_size
-
     if ranks < 1:
         return [f"--ranks must be at least 1, not {ranks}"]
     try:
         sim = parse_spec(cfg.devices).kind == "sim"
     except ConfigError as e:
         return [str(e)]
-    if cfg.mode not in STRATEGIES:
-        return cfg.validate(resolve_devices=False)
+    if cfg.mode not in REGISTRY:
+        return validation.problems(cfg, resolve_devices=False)
     n = (parse_spec(cfg.devices).count if sim
-         else ranks if STRATEGIES[cfg.mode].one_process_per_device else 1)
+         else ranks if REGISTRY[cfg.mode].one_process_per_device else 1)
     # The layout checks need a device count, not the GPUs here: check as if simulated.
-    out = (cfg if sim else replace(cfg, devices=f"sim:{n}")).validate(resolve_devices=False)
-    world = world_size(cfg.mode, n)
+    out = validation.problems((cfg if sim else replace(cfg, devices=f"sim:{n}")), resolve_devices=False)
+    world = REGISTRY[cfg.mode].world_size(n)
     if not out and world != ranks:
         out.append(f"mode {cfg.mode} on {n} device{'s' if n != 1 else ''} runs {world} "
                    f"rank{'s' if world != 1 else ''}, not {ranks}: pass --ranks {world} and start "
@@ -331,7 +331,7 @@ def instructions(address: tuple[str, int], ranks: int, key: str, generated: bool
     if host in ("0.0.0.0", "::", ""):
         host = socket.getfqdn()
     env = f"PARALAB_AUTHKEY={key} " if generated else ""
-    tail = f"-m paralab.core.worker --controller {shlex.quote(f'{host}:{port}')}"
+    tail = f"-m paralab.core.rank --controller {shlex.quote(f'{host}:{port}')}"
     return (f"paralab: listening on {host}:{port}, waiting for {ranks} rank{'s' if ranks != 1 else ''}"
             + ("" if generated else " (each node needs PARALAB_AUTHKEY set as it is here)") + ".\n"
             f"paralab: on one machine run:\n"
@@ -374,10 +374,10 @@ class ControlReceiver(threading.Thread):
 
 
 def remote_main(argv: list[str] | None = None) -> int:
-    """`python -m paralab.core.worker --controller HOST:PORT`, run by torchrun."""
+    """`python -m paralab.core.rank --controller HOST:PORT`, run by torchrun."""
     from . import worker
 
-    p = argparse.ArgumentParser(prog="python -m paralab.core.worker",
+    p = argparse.ArgumentParser(prog="python -m paralab.core.rank",
                                 description="A paralab rank started by torchrun: it trains for a controller "
                                             "that waits with `paralab run --listen HOST:PORT --ranks N`.")
     p.add_argument("--controller", required=True, metavar="HOST:PORT")

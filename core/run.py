@@ -24,12 +24,14 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from . import hostmem, preflight, remote, worker
+from . import hostmem, log, preflight, remote, validation, worker
 from .config import ConfigError, RunConfig
 from .devices import Device, parse_spec, resolve
 from .events import Event, RunEnded, RunStarted, StepDone
 from .eventsfile import EventsFile, any_problem
-from .parallel import STRATEGIES, world_size
+from .modes import REGISTRY, mode
+from .plan import Plan
+from .strategy import RankJob
 from .telemetry import Sampler
 
 STATUS_RANK = {"ok": 0, "stopped": 1, "error": 2, "oom": 3}
@@ -55,7 +57,7 @@ PRELOAD = [
     "torch.distributed.tensor.parallel",
     "paralab.core.worker",
     "paralab.core.memory",
-    *(f"paralab.core.parallel.{s.module}" for s in STRATEGIES.values()),
+    *(f"paralab.core.parallel.{m.module}" for m in REGISTRY.values()),
 ]
 
 
@@ -83,7 +85,7 @@ class Run:
                  listen: str | None = None, ranks: int = 0, connect_timeout_s: float | None = None) -> None:
         """listen='HOST:PORT': do not start ranks, wait for `ranks` that torchrun starts (core.remote)."""
         problems = (remote.problems(config, ranks) if listen is not None
-                    else config.validate(resolve_devices=devices is None))
+                    else validation.problems(config, resolve_devices=devices is None))
         if metrics and (problem := any_problem(metrics)):
             problems = [*problems, problem]
         if problems:
@@ -100,7 +102,7 @@ class Run:
                            or hostmem.problem(config, len(self.devices), sim)):
                 raise ConfigError(refused)  # before any rank builds what cannot fit
         self.metrics = Path(metrics) if metrics else None
-        self.world = ranks if listen is not None else world_size(config.mode, len(self.devices))
+        self.world = ranks if listen is not None else mode(config.mode).world_size(len(self.devices))
         self._ctx = context()
         self._shared = self._ctx.RawArray("d", 3)
         self._shared[worker.LR] = config.train.lr
@@ -213,7 +215,7 @@ class Run:
         if self.config.sim.gpu != "host" and all(d.kind == "sim" for d in self.devices):
             from dataclasses import asdict
 
-            from .clock import gpu_models
+            from .gpus import gpu_models
 
             model = gpu_models()[self.config.sim.gpu]
             clock, gpu = model.describe(len(self.devices)), asdict(model)
@@ -263,8 +265,8 @@ class _Supervisor:
         self.steps_done = 0
         self.store: Any = None
         self._store_socket: socket.socket | None = None
-        strategy = STRATEGIES[run.config.mode]
-        self.loss_ranks = {run.world - 1} if strategy.loss_from_last_rank else set(range(run.world))
+        # The last pipeline stage has the loss (every rank, without a pipeline): the mean over them.
+        self.loss_ranks = Plan.of(run.config, run.world).loss_ranks() if run.world > 1 else {0}
         self._pending: dict[int, list[tuple[float, float, float]]] = {}
         self._last_step: tuple[int, float] | None = None
         self.vanished: set[int] = set()
@@ -293,7 +295,7 @@ class _Supervisor:
         run = self.run
         backend = remote.backend_for(run.devices)
         for conn, hello in self.remote:
-            job = worker.RankJob(run.config.to_dict(), run.devices, hello.rank, run.world, perf_counter() - self.t0,
+            job = RankJob(run.config.to_dict(), run.devices, hello.rank, run.world, perf_counter() - self.t0,
                                  0, backend=backend, fault=run.faults.get(hello.rank, ""), remote=True,
                                  local_world=hello.local_world)
             with contextlib.suppress(OSError):  # a rank that died already shows up as an end of file
@@ -332,9 +334,9 @@ class _Supervisor:
             gpus = {d.gpu for d in run.devices if d.kind == "cuda"}
             backend = "nccl" if len(gpus) == run.world else "gloo"
         for rank in range(run.world):
-            job = worker.RankJob(run.config.to_dict(), run.devices, rank, run.world, self.t0, os.getpid(),
-                                 store_port=self.store.port if self.store else 0, backend=backend,
-                                 fault=run.faults.get(rank, ""))
+            job = RankJob(run.config.to_dict(), run.devices, rank, run.world, self.t0, os.getpid(),
+                          store_port=self.store.port if self.store else 0, backend=backend,
+                          fault=run.faults.get(rank, ""), log_path=str(log.path()))
             reader, writer = run._ctx.Pipe(duplex=False)
             p = run._ctx.Process(target=worker.main, args=(job, writer, run._shared), daemon=True,
                                  name=f"paralab-rank{rank}")

@@ -24,30 +24,32 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import log, parallel, recorder
+from .clock import OpLog
 from .config import RunConfig
 from .devices import Device
-from .estimate import DeviceEstimate, EstimateError
 from .formula import chunk_len, meta_shapes
+from .gpus import gpu_models
+from .memory import MemoryLedger
+from .modes import mode
+from .predicted import DeviceEstimate, EstimateError
+from .recorder import Recorder
+from .schedule import ScheduleError, idle, schedule
+from .strategy import Probe, RankContext, RankJob, local_devices
 
 TRACE_STEPS = 2  # step 2 has what every later step has: last step's grads and the optimizer state
-# Modes whose ranks run the same code on their own shard or share of the batch: ranks whose
-# tensors have the same sizes give the same trace, so only distinct ones are traced.
-SYMMETRIC = ("ddp", "fsdp", "tensor-parallel")
-
 _trace_lock = threading.Lock()  # the fake process group and the ledger's key are process-wide
 
 
 def trace(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
-    from .parallel import STRATEGIES, world_size
-
-    world = world_size(cfg.mode, len(devices))
-    distributed = STRATEGIES[cfg.mode].one_process_per_device
+    world = mode(cfg.mode).world_size(len(devices))
+    distributed = mode(cfg.mode).one_process_per_device
     # Room without limit, so the trace runs to its peak; capacity is compared afterwards.
     roomy = [dataclasses.replace(d, kind="sim", capacity_bytes=2**62, gpu=None, share=1) for d in devices]
     found: dict[int, tuple[dict[str, int], int, str]] = {}
     logs: dict[int, list] = {}
     try:  # imported before any patching, so the module binds the real torch classes
-        module = importlib.import_module(f"{__package__}.parallel.{STRATEGIES[cfg.mode].module}")
+        module = importlib.import_module(f"{__package__}.parallel.{mode(cfg.mode).module}")
     except ModuleNotFoundError as e:
         raise EstimateError(f"mode {cfg.mode} has no strategy to trace yet: {e}") from None
     with _trace_lock, _fake_tensors(), _stand_ins(module):
@@ -58,7 +60,9 @@ def trace(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
                 raise
             except Exception as e:
                 detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise EstimateError(f"tracing {cfg.mode} rank {ranks[0]} on fake tensors failed: {detail}") from e
+                sentence = f"tracing {cfg.mode} rank {ranks[0]} on fake tensors failed: {detail}"
+                log.failure(sentence, e)
+                raise EstimateError(sentence) from e
             found.update(got)
             for r in ranks[1:]:  # one device per rank in the symmetric modes
                 found[r] = got[ranks[0]]
@@ -77,8 +81,6 @@ def trace(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
 def _lay_out(logs: dict[int, list]) -> Any:
     """The traced step's ops of every rank on modelled GPU streams, as a run lays out a
     sampled step (core.schedule); None where there is no GPU model or they do not pair up."""
-    from .schedule import ScheduleError, schedule
-
     if not logs:
         return None
     try:
@@ -89,8 +91,6 @@ def _lay_out(logs: dict[int, list]) -> Any:
 
 def _modelled(tl: Any, device: int) -> dict[str, Any]:
     """One device's modelled step: its time, busy share and spans (phase, start, end)."""
-    from .schedule import idle
-
     compute = tl.compute.get(device, [])
     spans = [*compute, *(("idle", s, e) for s, e in idle(compute, tl.step_s)),
              *(("communication", s, e) for _, s, e, _, _ in tl.comm.get(device, []))]
@@ -104,9 +104,9 @@ def rank_groups(cfg: RunConfig, world: int) -> list[list[int]]:
     In the symmetric modes a rank's tensors differ from another's only by the shard sizes,
     and DTensor and FSDP cut a dim the way torch.chunk does: ranks with the same chunk
     sizes along dims 0 and 1 of every parameter run the same program on the same shapes."""
-    if cfg.mode not in SYMMETRIC or world == 1:
+    if not mode(cfg.mode).symmetric or world == 1:
         return [[r] for r in range(world)]
-    if cfg.mode == "ddp":
+    if mode(cfg.mode).splits == "batch":
         return [list(range(world))]  # full replicas, equal slices of the batch
     shapes = [s for layer in meta_shapes(cfg.model) for s in layer]
     groups: dict[tuple, list[int]] = {}
@@ -120,21 +120,15 @@ def _trace_rank(cfg: RunConfig, devices: list[Device], rank: int, world: int,
                 distributed: bool, logs: dict[int, list]) -> dict[int, tuple[dict[str, int], int, str]]:
     """One rank's setup and first steps, as worker._run does them, on fake tensors; the
     last step's ops, costed on the GPU model (sim.gpu), go into `logs`."""
-    from . import worker
-    from .clock import OpLog, gpu_models
-    from .memory import MemoryLedger
-    from .parallel import STRATEGIES
-    from .recorder import Recorder
-
-    job = worker.RankJob(cfg.to_dict(), devices, rank, world, time.perf_counter(), os.getpid())
-    local = worker._local_devices(job, cfg)
+    job = RankJob(cfg.to_dict(), devices, rank, world, time.perf_counter(), os.getpid())
+    local = local_devices(job, cfg)
     ledger = MemoryLedger(local)
-    ctx = worker.RankContext(job, cfg, local, ledger)
+    ctx = RankContext(job, cfg, local, ledger)
     best: dict[int, tuple[int, dict[str, int], str]] = {d.index: (-1, {}, "") for d in local}
     with _fake_world(rank, world, distributed) as group:
         ctx.group = group
-        probe = worker.Probe(ctx)
-        trainer = STRATEGIES[cfg.mode].apply(ctx)
+        probe = Probe(ctx)
+        trainer = parallel.apply(ctx)
         gpu = gpu_models().get(cfg.sim.gpu)
         last = min(TRACE_STEPS, cfg.train.steps)
         for step in range(1, last + 1):
@@ -223,24 +217,42 @@ def _fake_tensors() -> Iterator[None]:
 def _stand_ins(module: Any) -> Iterator[None]:
     """What cannot run on fake tensors, replaced in the strategy's module for the trace:
     DistributedDataParallel's reducer is C++ that reads tensor data (_TracedDDP instead),
-    and a device mesh reads its rank map (it is made of real tensors, as in a run)."""
-    from torch.distributed.device_mesh import init_device_mesh
+    and a device mesh reads its rank map (it is made of real tensors, as in a run), also
+    when a mesh is sliced into its axes' groups or FSDP joins one to tensor parallel's."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
     from torch.nn.parallel import DistributedDataParallel
 
     def real_mesh(*args: Any, **kwargs: Any) -> Any:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
         with unset_fake_temporarily():
             return init_device_mesh(*args, **kwargs)
+
+    make_mesh = DeviceMesh.__init__
+    # DTensor infers an op's global output shape by running it on global-shape tensors of
+    # the active fake mode, the trace's own (a run's are its own mode's): not device work.
+    infer = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def quiet_infer(*args: Any, **kwargs: Any) -> Any:
+        with recorder.quiet():
+            return infer(*args, **kwargs)
+
+    def real_make(mesh: Any, *args: Any, **kwargs: Any) -> None:
+        with unset_fake_temporarily():
+            make_mesh(mesh, *args, **kwargs)
 
     swaps = {DistributedDataParallel: _TracedDDP, init_device_mesh: real_mesh}
     names = {n: v for n, v in vars(module).items() if any(v is k for k in swaps)}
     for n, v in names.items():
         setattr(module, n, _this_thread(next(new for old, new in swaps.items() if old is v), v))
+    DeviceMesh.__init__ = _this_thread(real_make, make_mesh)
+    ShardingPropagator._propagate_tensor_meta_non_cached = _this_thread(quiet_infer, infer)
     try:
         with _pipeline_vote():
             yield
     finally:
+        DeviceMesh.__init__ = make_mesh
+        ShardingPropagator._propagate_tensor_meta_non_cached = infer
         for n, v in names.items():
             setattr(module, n, v)
 

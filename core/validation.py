@@ -6,16 +6,14 @@ batch × layers) is checked here once, so no strategy has to.
 
 from __future__ import annotations
 
-from .config import DATASETS, MODELS, MODES, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig, shown
+from . import devices
+from .config import DATASETS, MODELS, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig, shown
 from .data import data_kind
-from .models import num_layers
+from .gpus import gpu_models
+from .models import num_layers, split_layers, tensor_splits
+from .modes import MODES, REGISTRY
+from .plan import Plan, mesh_problems
 
-# Modes that split the global batch evenly over the devices.
-BATCH_SPLITTING = ("ddp", "fsdp")
-LAYER_SPLITTING = ("model-parallel", "pipeline")
-# On one shared GPU the ranks talk through gloo, which runs only all-reduce and broadcast
-# on CUDA tensors: DDP and tensor parallel need no more; these need what it lacks.
-GLOO_CUDA_UNSUPPORTED = ("pipeline", "fsdp")
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 10**12
 MAX_SIZE = 10**12
@@ -46,8 +44,6 @@ def problems(cfg: RunConfig, *, resolve_devices: bool = True) -> list[str]:
     need(t.log_every >= 1, f"train.log_every must be at least 1, not {t.log_every}")
     need(cfg.sim.memory >= 2**20, f"sim.memory {int(cfg.sim.memory)} bytes is too small; give at least 1MiB, e.g. 24GiB")
     if cfg.sim.gpu != "host":
-        from .clock import gpu_models
-
         known = gpu_models()
         need(cfg.sim.gpu in known, f"sim.gpu {cfg.sim.gpu[:40]!r} is not a GPU model paralab knows; "
              f"use one of {', '.join(sorted(known))} or 'host' (the CPU's own time)")
@@ -91,8 +87,6 @@ def problems(cfg: RunConfig, *, resolve_devices: bool = True) -> list[str]:
 
 
 def _device_count(cfg: RunConfig, resolve_devices: bool, out: list[str]) -> int | None:
-    from . import devices
-
     try:
         if resolve_devices:
             return len(devices.resolve(cfg.devices, cfg.sim.memory))
@@ -104,63 +98,79 @@ def _device_count(cfg: RunConfig, resolve_devices: bool, out: list[str]) -> int 
 
 
 def _shares_a_gpu(spec: str) -> bool:
-    from .devices import parse_spec
-
-    parsed = parse_spec(spec)
+    parsed = devices.parse_spec(spec)
     return parsed.kind == "cuda" and parsed.share > 1
 
 
 def layout_problems(cfg: RunConfig, n: int) -> list[str]:
     """Mode × devices × batch × layers, for n logical devices."""
     out: list[str] = []
-    t, mode = cfg.train, cfg.mode
+    t, mode, known = cfg.train, cfg.mode, REGISTRY[cfg.mode]
+    out.extend(mesh_problems(cfg, n))
+    if out:
+        return out
+    plan = Plan.of(cfg, n)
     layers = num_layers(cfg.model)
-    if mode in GLOO_CUDA_UNSUPPORTED and n > 1 and _shares_a_gpu(cfg.devices):
+    if not known.gloo_cuda and n > 1 and _shares_a_gpu(cfg.devices):
         out.append(f"{mode} cannot run on logical devices that share one GPU ({cfg.devices}): NCCL will not "
                    "put two ranks on one GPU, and gloo has no CUDA "
                    + ("send/receive" if mode == "pipeline" else "all-gather/reduce-scatter")
                    + "; use distinct GPUs (cuda:0,1) or simulated devices (sim:N)")
     if mode == "single" and n != 1:
         out.append(f"mode single runs on one device, but devices {shown(cfg.devices)} names {n}; use sim:1 or cuda:0")
-    if mode in BATCH_SPLITTING and t.batch_size % n:
+    if known.batch_evenly and t.batch_size % n:
         out.append(f"batch size {t.batch_size} does not split over {n} devices; use a multiple of {n}")
+    ways = plan.batch_ways
+    if mode == "mesh" and t.batch_size % ways:
+        out.append(f"batch size {t.batch_size} does not split over the {ways} replicas and shards "
+                   f"(mesh.dp × mesh.shard); use a multiple of {ways}")
     if mode == "data-parallel" and t.batch_size < n:
         out.append(f"batch size {t.batch_size} leaves some of the {n} devices without samples; use at least {n}")
-    if mode in LAYER_SPLITTING:
+    stages = n if known.splits == "layers" else plan.pp
+    if stages > 1 or known.splits == "layers":
         split = cfg.placement.split
         if split:
-            if len(split) != n:
-                out.append(f"placement.split gives layers for {len(split)} devices, but the run has {n}")
+            if len(split) != stages:
+                out.append(f"placement.split gives layers for {len(split)} devices, but the run has {stages}"
+                           + (" pipeline stages (mesh.pp)" if mode == "mesh" else ""))
             elif any(c < 1 for c in split):
                 out.append("placement.split must give every device at least one layer")
             elif sum(split) != layers:
                 out.append(f"placement.split places {sum(split)} layers, but model {cfg.model.kind} has {layers}")
-        elif layers < n:
-            out.append(f"model {cfg.model.kind} has {layers} layers: too few for {n} devices "
-                       f"(more stages than layers); use at most {layers} devices or a deeper model")
-    if mode == "pipeline":
-        if t.batch_size % t.micro_batches:
-            out.append(f"batch size {t.batch_size} does not split into {t.micro_batches} micro-batches")
-        if t.schedule == "1f1b" and t.micro_batches < n:
+        elif layers < stages:
+            out.append(f"model {cfg.model.kind} has {layers} layers: too few for {stages} "
+                       + (f"devices (more stages than layers); use at most {layers} devices or a deeper model"
+                          if mode != "mesh" else "pipeline stages (mesh.pp); use a smaller mesh.pp or a deeper model"))
+    if mode == "pipeline" or plan.pp > 1:
+        per_pipeline = t.batch_size // ways if not t.batch_size % ways else t.batch_size
+        if per_pipeline % t.micro_batches:
+            out.append(f"batch size {t.batch_size} does not split into {t.micro_batches} micro-batches"
+                       + (f" per pipeline ({per_pipeline} samples each)" if ways > 1 else ""))
+        if t.schedule == "1f1b" and t.micro_batches < stages:
             # torch's Schedule1F1B refuses it: every stage must have a forward in flight.
-            out.append(f"schedule 1f1b needs at least as many micro-batches as devices; "
-                       f"use train.micro_batches of {n} or more, or the gpipe schedule")
-    if mode == "tensor-parallel":
-        out.extend(_tensor_parallel_problems(cfg, n))
+            out.append("schedule 1f1b needs at least as many micro-batches as "
+                       + ("devices" if mode == "pipeline" else "pipeline stages")
+                       + f"; use train.micro_batches of {stages} or more, or the gpipe schedule")
+    if plan.tp > 1:
+        out.extend(_tensor_parallel_problems(cfg, plan.tp))
     return out
 
 
 def _tensor_parallel_problems(cfg: RunConfig, n: int) -> list[str]:
-    m = cfg.model
-    if m.kind in ("linear", "split-nn"):
-        return [f"tensor parallel needs layers wide enough to split; model {m.kind} has none "
-                "(use the mlp or the transformer)"]
+    splits = tensor_splits(cfg.model)
+    if not splits:
+        return [f"tensor parallel needs layers wide enough to split; model {cfg.model.kind} has none "
+                "(use the split-nn, the mlp or the transformer)"]
     out = []
-    if m.kind == "mlp" and (2 * m.width) % n:
-        out.append(f"tensor parallel splits each MLP block's {2 * m.width} hidden units over {n} devices; "
-                   f"use a width whose double is a multiple of {n}")
-    if m.kind == "transformer":
-        if m.heads % n:
-            out.append(f"tensor parallel splits the {m.heads} attention heads over {n} devices; "
-                       f"use a head count that is a multiple of {n}")
+    for split in splits:
+        sentence = (f"tensor parallel splits {split.what} over {n} devices; "
+                    f"use {split.fix.format(n=n)}")
+        if split.units % n and sentence not in out:
+            out.append(sentence)
+    plan = Plan.of(cfg, n)
+    if plan.pp > 1:  # a pair cut across two stages would send a slice, not an activation
+        stages = split_layers(num_layers(cfg.model), plan.pp, cfg.placement.split)
+        if any(not any(s.layers <= set(r) for r in stages) for s in splits):
+            out.append("tensor parallel's column and row halves of a block must sit in one pipeline stage; "
+                       "use another placement.split or a smaller mesh.pp")
     return out

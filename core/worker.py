@@ -27,33 +27,12 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
+from . import log, parallel
 from .config import RunConfig
 from .devices import Device
-from .events import MemorySample, PhaseSpan
-from .modelled import ModelledClock
-
-
-@dataclass
-class RankJob:
-    """Everything a rank needs; picklable."""
-
-    config: dict[str, Any]
-    devices: list[Device]
-    rank: int
-    world: int
-    t0: float
-    """perf_counter() at the controller's start (CLOCK_MONOTONIC: shared by the processes of one machine).
-    A remote rank is sent the seconds since that start instead and turns them into its own clock."""
-    controller_pid: int
-    store_host: str = "127.0.0.1"
-    store_port: int = 0
-    backend: str = "gloo"
-    fault: str = ""
-    """Test-only fault injection, 'KIND@STEP' on this rank: hang@5 (sleep forever), crash@5 (SIGKILL itself)."""
-    remote: bool = False
-    """Started by torchrun (core.remote): rendezvous from its environment, controller over a socket."""
-    local_world: int = 0
-    """Ranks on this machine (torchrun's LOCAL_WORLD_SIZE); 0: all of them."""
+from .events import MemorySample
+from .lifeline import name_process
+from .strategy import Probe, RankContext, RankJob, local_devices
 
 
 @dataclass
@@ -97,103 +76,6 @@ class Channel:
         with self.lock:
             with contextlib.suppress(BrokenPipeError, OSError):
                 self.conn.send(message)
-
-
-# ---- sampling --------------------------------------------------------------------------------
-
-
-class _Mark:
-    """Inactive phase: remembers where the step is (so an OOM can name it), nothing else."""
-
-    __slots__ = ("probe", "phase", "device")
-
-    def __init__(self, probe: Probe, device: int, phase: str) -> None:
-        self.probe, self.device, self.phase = probe, device, phase
-
-    def __enter__(self) -> None:
-        self.probe.where = (self.device, self.phase)
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-class Probe:
-    """Spans and memory on sampled steps; on other steps only a cheap marker."""
-
-    def __init__(self, ctx: RankContext) -> None:
-        self.ledger = ctx.ledger
-        self.t0 = ctx.job.t0
-        self.active = False
-        self.step = 0
-        self.where: tuple[int, str] = (ctx.local_devices[0].index, "setup")
-        self.spans: list[PhaseSpan] = []
-        self._marks: dict[tuple[int, str], _Mark] = {}
-        self.ledger.where = lambda: self.where  # an allocation belongs to the device at work
-        self.clock = ModelledClock(ctx, lambda: self.where)
-
-    @contextlib.contextmanager
-    def at(self, device: int, phase: str):
-        """Work on `device` that the strategy times itself (copies between devices): what it
-        allocates belongs to that device."""
-        before, self.where = self.where, (device, phase)
-        try:
-            yield
-        finally:
-            self.where = before
-
-    def phase(self, device: int, phase: str) -> Any:
-        if self.active:
-            return self._record(device, phase)
-        mark = self._marks.get((device, phase))
-        if mark is None:
-            mark = self._marks[(device, phase)] = _Mark(self, device, phase)
-        return mark
-
-    @contextlib.contextmanager
-    def _record(self, device: int, phase: str):
-        self.where = (device, phase)
-        start = perf_counter()
-        if phase == "forward":
-            with self.ledger.recording(device):
-                yield
-        else:
-            yield
-        end = perf_counter()
-        self.spans.append(PhaseSpan(device, phase, start - self.t0, end - self.t0, self.step))
-        self.ledger.checkpoint(phase)
-
-    def span(self, device: int, phase: str, start: float, end: float) -> None:
-        """A span timed by the strategy itself (communication, idle)."""
-        if self.active:
-            self.spans.append(PhaseSpan(device, phase, start - self.t0, end - self.t0, self.step))
-
-    def other(self, device: int, *tensors: Any) -> None:
-        if self.active:
-            self.ledger.set_other(device, tensors)
-
-
-@dataclass
-class RankContext:
-    job: RankJob
-    cfg: RunConfig
-    local_devices: list[Device]
-    ledger: Any
-    group: Any = None
-    """torch.distributed default group when world > 1."""
-    control_group: Any = None
-    """A gloo group beside the training's: controls, and the modelled clock's op lists."""
-
-    @property
-    def rank(self) -> int:
-        return self.job.rank
-
-    @property
-    def world(self) -> int:
-        return self.job.world
-
-    @property
-    def devices(self) -> list[Device]:
-        return self.job.devices
 
 
 # ---- control ---------------------------------------------------------------------------------
@@ -318,6 +200,8 @@ def main(job: RankJob, conn: Any, shared: Any, controller_alive: Any = None) -> 
     name_process(f"paralab-rank{job.rank}")
     _set_parent_death_signal()
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    if job.log_path and not job.remote:
+        os.environ["PARALAB_LOG"] = job.log_path
     channel = Channel(conn)
     heartbeat = Heartbeat(job.rank, channel, job.controller_pid, controller_alive)
     heartbeat.start()
@@ -342,12 +226,11 @@ def _run(job: RankJob, channel: Channel, shared: Any, heartbeat: Heartbeat, stat
     import torch
 
     from .memory import MemoryLedger
-    from .parallel import STRATEGIES
 
     cfg = RunConfig.from_dict(job.config)
     # The ranks of a machine share its cores.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // (job.local_world or job.world)))
-    local = _local_devices(job, cfg)
+    local = local_devices(job, cfg)
     _setup_cuda(local)
     ctx = RankContext(job, cfg, local, MemoryLedger(local))
     if job.world > 1:
@@ -355,7 +238,7 @@ def _run(job: RankJob, channel: Channel, shared: Any, heartbeat: Heartbeat, stat
     control = Control(shared, job.world, cfg.train.lr, cfg.telemetry.interval_s)
     ctx.control_group = control._group
     probe = state["probe"] = Probe(ctx)
-    trainer = STRATEGIES[cfg.mode].apply(ctx)
+    trainer = parallel.apply(ctx)
     return _loop(ctx, trainer, probe, control, channel, heartbeat)
 
 
@@ -476,7 +359,9 @@ def _failure(job: RankJob, e: BaseException, probe: Probe | None) -> RankDone:
     if isinstance(e, KeyboardInterrupt):
         return RankDone(job.rank, "stopped", "interrupted", device, phase)
     detail = "".join(traceback.format_exception_only(type(e), e)).strip()
-    return RankDone(job.rank, "error", f"rank {job.rank} failed in {phase or 'setup'}: {detail}", device, phase)
+    sentence = f"rank {job.rank} failed in {phase or 'setup'}: {detail}"
+    log.failure(sentence, e)
+    return RankDone(job.rank, "error", sentence, device, phase)
 
 
 def _send_oom_memory(channel: Channel, e: BaseException, probe: Probe | None, done: RankDone) -> None:
@@ -493,14 +378,6 @@ def _send_oom_memory(channel: Channel, e: BaseException, probe: Probe | None, do
                               device.capacity_bytes, perf_counter() - probe.t0, done.phase,
                               getattr(e, "op", ""), extra)
         channel.send(Batch(done.rank, probe.step, events=[sample]))
-
-
-def _local_devices(job: RankJob, cfg: RunConfig) -> list[Device]:
-    from .parallel import STRATEGIES
-
-    if STRATEGIES[cfg.mode].one_process_per_device:
-        return [job.devices[job.rank]]
-    return list(job.devices)
 
 
 def _setup_cuda(local: list[Device]) -> None:
@@ -577,18 +454,6 @@ def _shutdown_distributed() -> None:
             dist.destroy_process_group()
 
 
-RANK_NAME = "paralab-rank"
-
-
-def name_process(name: str) -> None:
-    """Linux: the name `ps`, `top` and psutil show for this process (15 bytes at most)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(15, name.encode()[:15] + b"\0", 0, 0, 0)  # PR_SET_NAME
-
-
 def _set_parent_death_signal() -> None:
     """Linux: SIGKILL this rank when the process that started it dies."""
     with contextlib.suppress(Exception):
@@ -596,14 +461,3 @@ def _set_parent_death_signal() -> None:
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-if __name__ == "__main__":  # torchrun ... -m paralab.core.worker --controller HOST:PORT
-    from paralab.core.remote import remote_main  # the package's modules, not this __main__ copy
-
-    code = remote_main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # End as forked ranks do, without the interpreter's teardown: destroying torch's
-    # static objects at exit can abort ("terminate called without an active exception").
-    os._exit(code)

@@ -218,6 +218,12 @@ class RunData:
         return self.start.config if self.start else {}
 
     @property
+    def tokens_per_sample(self) -> int:
+        """A transformer's sample is a sequence: its tokens; 0 for the other models."""
+        model = self.config.get("model", {})
+        return int(model.get("seq_len", 0)) if model.get("kind") == "transformer" else 0
+
+    @property
     def labels(self) -> list[str]:
         return [d.label for d in self.devices]
 

@@ -2,7 +2,7 @@
 
 The form never parses anything itself: every field's value goes through
 `config.set_value` (the same conversion the CLI's --set and TOML files use), and the
-problems shown are the sentences of `RunConfig.validate()`.  The predicted memory per
+problems shown are the sentences of `validation.problems(cfg)`.  The predicted memory per
 device comes from `core.estimate`, computed in a background thread after the settings
 have been still for a moment.
 """
@@ -38,11 +38,10 @@ from PySide6.QtWidgets import (
 )
 
 from ..core import devices as core_devices
-from ..core import preflight
+from ..core import log, preflight, validation
 from ..core.config import (
     DATASETS,
     MODELS,
-    MODES,
     OPTIMIZERS,
     SCHEDULES,
     ConfigError,
@@ -54,33 +53,10 @@ from ..core.config import (
     shown,
 )
 from ..core.models import layer_names, split_layers
+from ..core.modes import MODES, REGISTRY
+from ..core.plan import AXES, Plan
 from .prediction import PredictionProcess
 
-# Two lines per mode: what it does, then what to watch while it runs.
-MODE_NOTES = {
-    "single": ("One device trains the whole model: the baseline every other mode must match.",
-               "Watch: the loss curve the other modes reproduce, and one device's memory by category."),
-    "data-parallel": ("nn.DataParallel, as in the seed: one process copies the model to every device "
-                      "each step and splits the batch.",
-                      "Watch: device 0 gathers outputs and gradients, so its memory stands above the rest."),
-    "model-parallel": ("The naive split, as in the seed: consecutive layers live on different devices "
-                       "and activations hop between them.",
-                       "Watch the timeline: only one device computes at a time, the others idle."),
-    "ddp": ("DistributedDataParallel: one process per device, each with the whole model and its "
-            "share of the batch.",
-            "Watch: equal memory on every device, and all-reduce (communication) during backward."),
-    "pipeline": ("Pipeline: layers in stages on the devices; micro-batches flow through them "
-                 "(GPipe or 1F1B).",
-                 "Watch the timeline's idle bubbles shrink with more micro-batches; 1F1B holds fewer activations."),
-    "fsdp": ("FSDP2: parameters, gradients and optimizer state are sharded over the devices and "
-             "gathered layer by layer when needed.",
-             "Watch: params, grads and optimizer memory divided by the device count, against DDP."),
-    "tensor-parallel": ("Tensor parallel (DTensor): every layer's weight matrices are split over "
-                        "the devices.",
-                        "Watch: params per device shrink; communication appears inside forward and backward."),
-}
-
-LAYER_MODES = ("model-parallel", "pipeline")
 # The form's own words for the config keys its fields set: a problem names what a person
 # sees ("Capacity each"), not the dotted key a file or --set would use ("sim.memory").
 FIELD_LABELS = {
@@ -91,6 +67,8 @@ FIELD_LABELS = {
     "train.lr": "Learning rate", "train.steps": "Steps", "seed": "Seed",
     "placement.split": "Which device holds which layers",
     "placement.reshard_after_forward": "Reshard after forward",
+    **{f"mesh.{axis}": label for axis, label in (("pp", "Pipeline stages"), ("dp", "Replicas"),
+                                                 ("shard", "Shards"), ("tp", "Tensor parallel"))},
 }
 # Only dotted keys: "mode", "seed" and "devices" are also plain words of the sentences.
 _KEY = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(FIELD_LABELS, key=len, reverse=True)
@@ -253,6 +231,16 @@ class ConfigPanel(QWidget):
 
         lay.addWidget(self._build_devices())
 
+        # Degrees per mesh axis (mode=mesh), outermost first, with their product inline
+        self.mesh_box = QGroupBox("Devices per mesh axis")
+        mf = QFormLayout(self.mesh_box)
+        self._spins: dict[str, QSpinBox] = {}
+        for axis in ("pp", "dp", "shard", "tp"):
+            mf.addRow(f"{FIELD_LABELS[f'mesh.{axis}']} ({axis})", self._spin(f"mesh.{axis}", 1, 4096))
+        self.mesh_product = QLabel(objectName="meshProduct", wordWrap=True)
+        mf.addRow(self.mesh_product)
+        lay.addWidget(self.mesh_box)
+
         # Placement of layers (model-parallel and pipeline)
         self.placement_box = QGroupBox("Which device holds which layers")
         pl = QVBoxLayout(self.placement_box)
@@ -275,7 +263,6 @@ class ConfigPanel(QWidget):
         self.model_kind = self._combo(MODELS, "model.kind")
         self.data_kind = self._combo(DATASETS, "data.kind")
         form.addRow("Model", self.model_kind)
-        self._spins: dict[str, QSpinBox] = {}
         for key, label, lo, hi in (("model.width", "Width", 1, 65536), ("model.depth", "Depth", 1, 1024),
                                    ("model.heads", "Heads", 1, 1024), ("model.seq_len", "Sequence length", 1, 65536),
                                    ("model.vocab", "Vocabulary", 2, 1 << 20)):
@@ -470,12 +457,22 @@ class ConfigPanel(QWidget):
                 errors.append(str(e))
                 self._mark(key, True)
         cfg = self._with_split(cfg)
-        problems = [in_form_words(p) for p in (errors or cfg.validate() or self._cannot_hold(cfg))]
+        problems = [in_form_words(p) for p in (errors or validation.problems(cfg) or self._cannot_hold(cfg))]
         self._config = None if errors else cfg
         self._problems = problems
         self._refresh(cfg)
         self.config_changed.emit(self._config, problems)
         self._schedule_estimate()
+
+    def _mesh_product(self, cfg: RunConfig) -> str:
+        """'pp 2 × tp 2 = 4 ranks: one per device' — or what the devices are short of."""
+        plan = Plan.of(cfg, 0)
+        n = self._device_count(cfg)
+        used = " × ".join(f"{a} {getattr(plan, a)}" for a in AXES if getattr(plan, a) > 1) or "every axis 1"
+        if n is None:
+            return f"{used} = {plan.world} ranks"
+        verdict = "one per device" if plan.world == n else f"but {n} device{'s' if n != 1 else ''} are chosen"
+        return f"{used} = {plan.world} rank{'s' if plan.world != 1 else ''}: {verdict}"
 
     def _cannot_hold(self, cfg: RunConfig) -> list[str]:
         """What a run would refuse before starting: a simulated device that cannot hold its
@@ -510,21 +507,26 @@ class ConfigPanel(QWidget):
 
     def _refresh(self, cfg: RunConfig) -> None:
         mode, kind = cfg.mode, cfg.model.kind
-        notes = MODE_NOTES.get(mode)
-        self.mode_notes.setText("\n".join(notes) if notes else "")
+        known = REGISTRY.get(mode)
+        self.mode_notes.setText(f"{known.note}\n{known.watch}" if known else "")
         big = kind in ("mlp", "transformer")
         for key in ("model.width", "model.depth"):
             self._spins[key].setEnabled(big)
         for key in ("model.heads", "model.seq_len", "model.vocab"):
             self._spins[key].setEnabled(kind == "transformer")
-        self._spins["train.micro_batches"].setEnabled(mode == "pipeline")
-        self.schedule.setEnabled(mode == "pipeline")
-        self.reshard.setVisible(mode == "fsdp")
+        piped = mode == "pipeline" or (mode == "mesh" and cfg.mesh.pp > 1)
+        self._spins["train.micro_batches"].setEnabled(piped)
+        self.schedule.setEnabled(piped)
+        self.reshard.setVisible(mode == "fsdp" or (mode == "mesh" and cfg.mesh.shard * cfg.mesh.dp > 1))
+        self.mesh_box.setVisible(mode == "mesh")
+        if mode == "mesh":
+            self.mesh_product.setText(self._mesh_product(cfg))
         self.sim_count.setEnabled(self.dev_sim.isChecked())
         self.memory.setEnabled(not self.dev_gpu.isChecked())
         self.share_count.setEnabled(self.share.isChecked())
-        self.placement_box.setVisible(mode in LAYER_MODES)
-        if mode in LAYER_MODES:
+        by_layers = known is not None and known.splits == "layers"
+        self.placement_box.setVisible(by_layers)
+        if by_layers:
             self._fill_placement(cfg)
         if self._problems:
             self.problems_label.setText("\n".join(f"• {p}" for p in self._problems))
@@ -650,6 +652,7 @@ class ConfigPanel(QWidget):
                 error = str(e)
             except Exception as e:  # noqa: BLE001 -- a failed prediction must not break the form
                 error = f"could not predict: {type(e).__name__}: {e}"
+                log.failure(error, e)
             try:
                 self._estimate_signals.done.emit(generation, result, error)
             except RuntimeError:  # the panel is gone (the app is closing)

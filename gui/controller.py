@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, QThread, QTimer, Signal
 
+from ..core import log
 from ..core.config import ConfigError, RunConfig
 from ..core.events import RunEnded, RunStarted
 from ..core.run import Run
@@ -57,6 +58,7 @@ class _RunThread(QThread):
             self.error = str(e)
         except Exception as e:  # noqa: BLE001 -- every failure reaches the person as a sentence
             self.error = f"{type(e).__name__}: {e}"
+            log.failure(f"the run broke off: {self.error}", e)
 
 
 class RunController(QObject):

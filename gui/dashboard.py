@@ -75,7 +75,9 @@ def rate_text(data: RunData) -> str:
     smoothed, average = data.smoothed_rate, data.average_rate
     if smoothed is None:
         return "– samples/s"
-    return f"{smoothed:,.0f} samples/s (average {average:,.0f})"
+    tokens = data.tokens_per_sample
+    per_token = f", {smoothed * tokens:,.0f} tokens/s" if tokens else ""
+    return f"{smoothed:,.0f} samples/s{per_token} (average {average:,.0f} samples/s)"
 
 
 def _setup_plot(plot: pg.PlotItem, title: str, x_label: str) -> None:

@@ -22,9 +22,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..core.config import human_bytes
+from ..core.config import RunConfig, human_bytes
 from ..core.events import CATEGORIES
+from ..core.plan import Plan
 from .buffers import RunData
+from .mesh_grid import AxisPicker, cell, plan_of, tints
+from .mesh_grid import columns as mesh_columns
 from .style import CAPACITY_COLOR, CATEGORY_COLORS, OOM_COLOR, PREDICTION_COLOR, legend_html, qcolor
 
 
@@ -44,6 +47,8 @@ class Gauge(QWidget):
         self.predicted: int | None = None
         self.oom: str | None = None
         """None: fine; otherwise the text naming what overflowed."""
+        self.tint: str | None = None
+        """The colour of this device's mesh group along the lit axis (mesh_grid)."""
         self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
         self.setMinimumSize(self.MIN_W, self.MIN_H)
         self.setMaximumWidth(180)
@@ -60,6 +65,11 @@ class Gauge(QWidget):
         self.label, self.capacity, self.bytes, self.peak, self.oom = label, capacity, dict(bytes_), peak, oom
         self._update_tooltip()
         self.update()
+
+    def set_tint(self, color: str | None) -> None:
+        if color != self.tint:
+            self.tint = color
+            self.update()
 
     def set_predicted(self, peak: int | None) -> None:
         self.predicted = peak
@@ -82,6 +92,10 @@ class Gauge(QWidget):
         pal = self.palette()
         text = pal.windowText().color()
         w, h = self.width(), self.height()
+        if self.tint:
+            p.fillRect(self.rect(), qcolor(self.tint, 60))
+            p.setPen(QPen(QColor(self.tint), 2))
+            p.drawRect(self.rect().adjusted(1, 1, -1, -1))
         if self.oom:
             p.fillRect(self.rect(), qcolor(OOM_COLOR, 40))
             p.setPen(QPen(QColor(OOM_COLOR), 2))
@@ -158,10 +172,18 @@ class DeviceView(QWidget):
         legend = QLabel(legend_html(CATEGORY_COLORS) + f' &nbsp; <span style="color:{CAPACITY_COLOR}">'
                         f'&#9644;</span> capacity &nbsp; <span style="color:{PREDICTION_COLOR}">&#9664;</span> predicted')
         legend.setWordWrap(True)
+        self.axis_picker = AxisPicker()
+        self.axis_picker.picked.connect(self.light)
+        self.axis_picker.setVisible(False)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.axis_picker)
         layout.addWidget(self.scroll, 1)
         layout.addWidget(legend)
+        self.mesh: Plan | None = None
+        self._axis = ""
+        self._mesh_of: object = None
+        """The run start the mesh was taken from."""
         self._prediction: dict[int, dict] = {}
         self._seen = (-1, -1)
         self._run_devices = 0
@@ -176,21 +198,42 @@ class DeviceView(QWidget):
         self._shown = n
         self._wrap(force=grew)
 
+    def set_mesh(self, plan: Plan | None) -> None:
+        """Lay the gauges out as this mesh (None: wrap them to the width)."""
+        if plan == self.mesh:
+            return
+        self.mesh = plan
+        self.axis_picker.set_plan(plan)
+        self._wrap(force=True)
+
+    def light(self, axis: str) -> None:
+        """Tint each group of devices along `axis` ('' for none)."""
+        self._axis = axis
+        colors = tints(self.mesh, axis) if self.mesh is not None and axis else {}
+        for i, g in enumerate(self.gauges):
+            g.set_tint(colors.get(i))
+
     def columns_for(self, width: int) -> int:
         return max(1, (width + self.SPACING) // (Gauge.MIN_W + self.SPACING))
 
     def _wrap(self, force: bool = False) -> None:
-        columns = self.columns_for(self.width() - self.scroll.verticalScrollBar().sizeHint().width())
+        shown = self.gauges[:getattr(self, "_shown", 0)]
+        mesh = self.mesh if self.mesh is not None and self.mesh.world == len(shown) else None
+        if mesh is not None:  # the mesh's own grid (mesh_grid.columns)
+            columns = mesh_columns(mesh)
+        else:
+            columns = self.columns_for(self.width() - self.scroll.verticalScrollBar().sizeHint().width())
         if columns == self._columns and not force:
             return
         self._columns = columns
         for g in self.gauges:
             self._grid.removeWidget(g)
-        for i, g in enumerate(self.gauges[:getattr(self, "_shown", 0)]):
-            self._grid.addWidget(g, i // columns, i % columns)
+        for i, g in enumerate(shown):
+            self._grid.addWidget(g, *(cell(mesh, i) if mesh is not None else (i // columns, i % columns)))
         for c in range(self._grid.columnCount()):
             self._grid.setColumnStretch(c, 0)
         self._grid.setColumnStretch(columns, 1)  # gauges keep their width, the rest is slack
+        self.light(self._axis)
 
     def resizeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         super().resizeEvent(event)
@@ -207,6 +250,9 @@ class DeviceView(QWidget):
             return False
         self._seen = seen
         self._run_devices = len(data.devices)
+        if data.start is not None and data.start is not self._mesh_of:
+            self._mesh_of = data.start
+            self.set_mesh(plan_of(RunConfig.from_dict(data.start.config), len(data.devices)))
         if not data.devices and self._prediction:
             self._show_prediction_only()
             return True

@@ -41,6 +41,7 @@ from .compare_dialog import CompareDialog, SessionRun
 from .config_panel import ConfigPanel
 from .controller import RunController
 from .dashboard import Dashboard, rate_text
+from .mesh_grid import preview_plan
 from .recordings import Recordings
 from .replay import Replay, ReplayBar
 from .welcome import Welcome
@@ -402,6 +403,8 @@ class MainWindow(Recordings, QMainWindow):
     # ---- controller signals ----------------------------------------------------------------
 
     def _on_config_changed(self, cfg: RunConfig | None, _problems: list[str]) -> None:
+        if not self.controller.running and self.data.start is None:  # before a run: the form's mesh
+            self.dashboard.devices.set_mesh(preview_plan(cfg))
         if cfg is not None and not self.controller.running:
             self.lr_box.blockSignals(True)  # the toolbar shows the form's rate, not its own minimum
             self.lr_box.setValue(cfg.train.lr)

@@ -41,7 +41,7 @@ def no_leftover_ranks():
 
 
 def _is_rank(p: psutil.Process) -> bool:
-    """Ranks name themselves paralab-rankN (core.worker.name_process)."""
+    """Ranks name themselves paralab-rankN (core.lifeline.name_process)."""
     try:
         return (p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                 and p.name().startswith("paralab-rank"))

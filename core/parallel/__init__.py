@@ -1,34 +1,22 @@
-"""One module per parallelism mode, each an `apply_*` function.
+"""One module per parallelism mode, each an `apply_*` function, and what they share.
 
 `apply_*(ctx)` takes the rank's context (config, devices, rank, ledger) and returns a
-Trainer: the function that runs one training step and the optimizers it steps.  The
-training loop around it (control, sampling, events) is the same for every mode and
-lives in `core.worker`.
+Trainer: the function that runs one training step and the optimizers it steps (the API
+is core.strategy; what each mode is, core.modes).  The training loop around it (control,
+sampling, events) is the same for every mode and lives in `core.worker`.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import RunConfig, TrainConfig
 from ..models import loss_fn, stream_layers
-
-if TYPE_CHECKING:
-    from ..worker import Probe, RankContext
-
-
-@dataclass
-class Trainer:
-    step: Callable[[int, Probe], torch.Tensor | None]
-    """Runs training step `step` (1-based); returns the loss (or None on a rank that has none)."""
-    optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
-    summary: Callable[[], str] | None = None
-    """What the model learned, in words, for the end of the run (small models only)."""
+from ..modes import mode
+from ..strategy import Probe, RankContext, Trainer
 
 
 def learned_line(model: torch.nn.Module) -> Callable[[], str] | None:
@@ -43,33 +31,10 @@ def learned_line(model: torch.nn.Module) -> Callable[[], str] | None:
     return line
 
 
-@dataclass(frozen=True)
-class Strategy:
-    module: str
-    """Module under core.parallel that defines `apply_<module>`."""
-    one_process_per_device: bool
-    """True: one rank per logical device (torch.distributed); False: one process drives all."""
-    loss_from_last_rank: bool = False
-    """True: only the last rank has the loss (pipeline); False: the loss is the mean over ranks."""
-
-    def apply(self, ctx: RankContext) -> Trainer:
-        mod = importlib.import_module(f"{__name__}.{self.module}")
-        return getattr(mod, f"apply_{self.module}")(ctx)
-
-
-STRATEGIES: dict[str, Strategy] = {
-    "single": Strategy("single", one_process_per_device=False),
-    "data-parallel": Strategy("data_parallel", one_process_per_device=False),
-    "model-parallel": Strategy("model_parallel", one_process_per_device=False),
-    "ddp": Strategy("ddp", one_process_per_device=True),
-    "pipeline": Strategy("pipeline", one_process_per_device=True, loss_from_last_rank=True),
-    "fsdp": Strategy("fsdp", one_process_per_device=True),
-    "tensor-parallel": Strategy("tensor_parallel", one_process_per_device=True),
-}
-
-
-def world_size(mode: str, n_devices: int) -> int:
-    return n_devices if STRATEGIES[mode].one_process_per_device else 1
+def apply(ctx: RankContext) -> Trainer:
+    """The Trainer of the config's mode: `apply_<module>(ctx)` from its own module."""
+    module = mode(ctx.cfg.mode).module
+    return getattr(importlib.import_module(f"{__name__}.{module}"), f"apply_{module}")(ctx)
 
 
 def standard_step(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, probe: Probe,
@@ -107,12 +72,14 @@ def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=train.lr, foreach=foreach)
 
 
-def materialise(model: torch.nn.Module, cfg: RunConfig, device: str | torch.device) -> None:
+def materialise(model: torch.nn.Module, cfg: RunConfig, device: str | torch.device,
+                layers: range | None = None) -> None:
     """Give a model that was built on the meta device and then sharded (FSDP2, DTensor)
     its storage on `device` and build_model's values, keeping only this rank's shards:
     each layer is made whole on the CPU one at a time (models.stream_layers) and the
     rank's slice of each tensor copied in, as torchtitan initialises a sharded model.
-    So a rank never holds the whole model, only its shards and one layer."""
+    So a rank never holds the whole model, only its shards and one layer.  `layers`: the
+    model's layers are these of build_model's (a pipeline stage's), not all of them."""
     from torch._guards import active_fake_mode
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -122,8 +89,11 @@ def materialise(model: torch.nn.Module, cfg: RunConfig, device: str | torch.devi
         return  # a trace on fake tensors: shapes are all it needs
     with torch.no_grad():
         for i, whole in stream_layers(cfg.model, cfg.seed):
+            if layers is not None and i not in layers:
+                continue
             source = {**dict(whole.named_parameters()), **dict(whole.named_buffers())}
-            for name, t in [*model[i].named_parameters(), *model[i].named_buffers()]:
+            mine = model[i - (layers.start if layers is not None else 0)]
+            for name, t in [*mine.named_parameters(), *mine.named_buffers()]:
                 value = source[name]
                 if isinstance(t, DTensor):
                     shape, offset = compute_local_shape_and_global_offset(value.shape, t.device_mesh, t.placements)

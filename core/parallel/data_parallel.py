@@ -25,7 +25,8 @@ from torch.func import functional_call
 
 from ..data import make_dataset
 from ..models import build_model, loss_fn
-from . import Trainer, learned_line, make_optimizer
+from ..strategy import Trainer
+from . import learned_line, make_optimizer
 
 
 def apply_data_parallel(ctx) -> Trainer:

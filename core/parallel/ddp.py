@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import make_dataset
 from ..models import build_model, loss_fn
-from . import Trainer, learned_line, make_optimizer
+from ..strategy import Trainer
+from . import learned_line, make_optimizer
 
 
 def apply_ddp(ctx) -> Trainer:

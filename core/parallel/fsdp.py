@@ -35,7 +35,8 @@ except ImportError:  # older torch: train untimed
 
 from ..data import make_dataset
 from ..models import build_model
-from . import Trainer, make_optimizer, materialise, standard_step
+from ..strategy import Trainer
+from . import make_optimizer, materialise, standard_step
 
 # A Linear on a 3-D input returns a view of its 2-D matmul, so FSDP2 warns that an in-place
 # op on that output would skip its hook; paralab's models never modify a layer's output in

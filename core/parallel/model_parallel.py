@@ -17,7 +17,8 @@ from time import perf_counter
 
 from ..data import Dataset, make_dataset
 from ..models import build_model, loss_fn, split_layers
-from . import Trainer, learned_line, make_optimizer
+from ..strategy import Trainer
+from . import learned_line, make_optimizer
 
 
 def apply_model_parallel(ctx) -> Trainer:

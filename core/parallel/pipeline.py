@@ -23,7 +23,8 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from ..data import make_dataset
 from ..models import build_model, loss_fn, num_layers, split_layers, stream_layers
-from . import Trainer, make_optimizer
+from ..strategy import Trainer
+from . import make_optimizer
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -70,8 +71,7 @@ class _TimedStage(PipelineStage):
 
 def apply_pipeline(ctx) -> Trainer:
     cfg, device = ctx.cfg, ctx.local_devices[0]
-    rank, world, d = ctx.rank, ctx.world, device.index
-    m, batch_size = cfg.train.micro_batches, cfg.train.batch_size
+    rank, world, batch_size = ctx.rank, ctx.world, cfg.train.batch_size
     if not dist.is_initialized():
         # One device: a one-stage pipeline (plain gradient accumulation) still needs a group.
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -82,11 +82,21 @@ def apply_pipeline(ctx) -> Trainer:
     submod = nn.Sequential(*(layer for j, layer in stream_layers(cfg.model, cfg.seed) if j in layers))
     submod = submod.to(device.torch_device)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
-    example_in, example_out = _example_io(cfg, data, layers, batch_size // m)
-    stage = _TimedStage(submod, rank, world, torch.device(device.torch_device),
-                        input_args=example_in, output_args=example_out,
+    return pipelined(ctx, submod, layers, rank, world, None, lambda i: data.batch(i, batch_size), data)
+
+
+def pipelined(ctx, submod: nn.Module, layers: range, stage_index: int, stages: int, group,
+              batch_of, data) -> Trainer:
+    """The Trainer of one pipeline stage: `submod` (this stage's `layers`, however else it
+    is parallelised) fed micro-batches of `batch_of(step)` by the configured schedule,
+    talking to its neighbour stages over `group` (None: the default group)."""
+    cfg, device = ctx.cfg, ctx.local_devices[0]
+    d, m = device.index, cfg.train.micro_batches
+    example_in, example_out = _example_io(cfg, data, layers, batch_of(1)[0].shape[0] // m)
+    stage = _TimedStage(submod, stage_index, stages, torch.device(device.torch_device),
+                        input_args=example_in, output_args=example_out, group=group,
                         ledger=ctx.ledger, device_index=d)
-    first, last = rank == 0, rank == world - 1
+    first, last = stage_index == 0, stage_index == stages - 1
 
     def stage_loss(out, y):
         loss = loss_fn(cfg.model, out, y)
@@ -102,7 +112,7 @@ def apply_pipeline(ctx) -> Trainer:
     ctx.ledger.checkpoint("setup")
 
     def step(i, probe):
-        x, y = data.batch(i, batch_size)
+        x, y = batch_of(i)
         mine = ([x] if first else []) + ([y] if last else [])
         stage.probe, stage.compute = probe, []
         losses: list[torch.Tensor] = []

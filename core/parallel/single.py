@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from ..data import make_dataset
 from ..models import build_model
-from . import Trainer, learned_line, make_optimizer, standard_step
+from ..strategy import Trainer
+from . import learned_line, make_optimizer, standard_step
 
 
 def apply_single(ctx) -> Trainer:

@@ -20,34 +20,39 @@ from __future__ import annotations
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     RowwiseParallel,
     parallelize_module,
 )
 
+from ..config import ModelConfig
 from ..data import make_dataset
-from ..models import ResidualMLPBlock, TransformerBlock, build_model
-from . import Trainer, make_optimizer, materialise, standard_step
+from ..models import build_model, tensor_splits
+from ..strategy import Trainer
+from . import make_optimizer, materialise, standard_step
 
 
-def _plan(block):
-    if isinstance(block, ResidualMLPBlock):
-        return {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
-    if isinstance(block, TransformerBlock):
-        # q, k, v by columns = whole heads per device (Attention counts its heads from q).
-        return {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
-                "attn.out": RowwiseParallel(),
-                "ffn.up": ColwiseParallel(), "ffn.down": RowwiseParallel()}
-    return None  # an end layer: replicated
+def tp_plan(cfg: ModelConfig, layers: range) -> dict[str, ParallelStyle]:
+    """parallelize_module's plan for a Sequential of build_model's `layers` (a pipeline
+    stage's, or all): each pair of models.tensor_splits, columns then rows, that lies
+    wholly in these layers; the ends are not in it, so they stay whole."""
+    def local(path: str) -> str:
+        index, _, rest = path.partition(".")
+        return ".".join(p for p in (str(int(index) - layers.start), rest) if p)
+
+    plan: dict[str, ParallelStyle] = {}
+    for split in tensor_splits(cfg):
+        if split.layers <= set(layers):
+            plan.update({local(p): ColwiseParallel() for p in split.columns})
+            plan[local(split.rows)] = RowwiseParallel()
+    return plan
 
 
 def apply_tensor_parallel(ctx) -> Trainer:
     cfg, device = ctx.cfg, ctx.local_devices[0]
     mesh = init_device_mesh("cuda" if device.kind == "cuda" else "cpu", (ctx.world,))
     model = build_model(cfg.model, cfg.seed, device="meta")  # sharded on meta, then materialised
-    for block in model:
-        plan = _plan(block)
-        if plan:
-            parallelize_module(block, mesh, plan)
+    parallelize_module(model, mesh, tp_plan(cfg.model, range(len(model))))
     materialise(model, cfg, device.torch_device)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     optimizer = make_optimizer(model.parameters(), cfg.train)

@@ -91,3 +91,20 @@ def test_devices_and_presets(capsys):
     assert main(["presets"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert names[:2] == ["seed-data-parallel", "seed-model-parallel"]
+
+
+def test_progress_says_tokens_per_second_for_a_transformer():
+    import io
+
+    from paralab.core.cli import Progress
+    from paralab.core.config import RunConfig
+    from paralab.core.events import StepDone
+
+    def line(cfg: RunConfig) -> str:
+        progress, step = Progress(cfg, io.StringIO(), quiet=True), StepDone(2, 1.0, 0.5, 2000.0)
+        progress.step(step)
+        return progress.line(step, bar=False)
+
+    gpt = RunConfig().with_overrides({"model.kind": "transformer", "model.seq_len": 32, "train.steps": 10})
+    assert "2.0k samples/s 64.0k tokens/s" in line(gpt)
+    assert "tokens/s" not in line(RunConfig())

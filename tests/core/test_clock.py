@@ -12,9 +12,10 @@ import multiprocessing
 import os
 
 import pytest
-from paralab.core.clock import collective_seconds, gpu_models
+from paralab.core.clock import collective_seconds
 from paralab.core.config import RunConfig
 from paralab.core.events import PhaseSpan, RunStarted, StepDone, UtilizationSample
+from paralab.core.gpus import gpu_models
 from paralab.core.models import build_model, count_params
 from paralab.core.parallel.pipeline import ideal_bubble
 
@@ -123,26 +124,59 @@ def test_ddp_all_reduces_the_gradients_while_backward_runs():
     assert util.extra["mfu"] == pytest.approx(util.extra["flops"] / (util.extra["step_s"] * H100.fp32_tflops * 1e12))
 
 
+def idle_shares(spans: dict[int, list[tuple[str, float, float]]]) -> list[float]:
+    """Each device's idle share of the step's forward/backward window."""
+    work = [(d, s, e) for d, sp in spans.items() for ph, s, e in sp if ph in ("forward", "backward")]
+    start = min(s for _, s, _ in work)
+    end = max(e for _, _, e in work)
+    busy = [sum(min(e, end) - max(s, start) for dd, s, e in work if dd == d) for d in sorted(spans)]
+    return [1 - b / (end - start) for b in busy]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("p,schedule", [(2, "gpipe"), (2, "1f1b"), (4, "gpipe"), (4, "1f1b")])
-def test_the_bubble_shrinks_with_micro_batches_as_the_formula_says(p, schedule):
-    """Balanced stages (a 4096-wide residual block each; the narrow ends are cheap),
-    micro-batches 1 to 8: each device's idle share of the forward/backward window against
-    (p-1)/(m+p-1).  The formula assumes equal stages and free transfers; the modelled ones
-    pay each hop's latency and the end stages run the loss's and the input layer's
-    kernels, which leaves the middle stages of p = 4 up to 3 points above it."""
-    settings = {"model.kind": "mlp", "model.width": 4096, "model.depth": p, "model.in_features": 8,
-                "model.out_features": 8, "train.batch_size": 64, "train.steps": 2, "train.optimizer": "sgd",
-                "placement.split": "2,2" if p == 2 else "2,1,1,2", "mode": "pipeline", "devices": f"sim:{p}",
-                "train.schedule": schedule}
+def test_compute_bound_micro_batches_leave_the_bubble_the_formula_says(p, schedule):
+    """The issue's acceptance.  (p-1)/(m+p-1) assumes every micro-batch takes a stage the
+    same time and the end stages no longer than the others; micro-batches of 512 to 4096
+    rows of a 4096-wide MLP are compute-bound on an H100, as pipelined training is, and
+    there it holds within 2 points.  (With a few rows a stage is memory-bound: adding each
+    later micro-batch's weight gradients into .grad then costs more than its matmuls, and
+    the first micro-batch, which does not add, is faster; the small test below shows it.)
+    Timed from the estimate's trace on fake tensors, which lays a step out exactly as a run
+    does (test_estimate checks the two agree, pipeline included)."""
+    from paralab.core.estimate import estimate
+
     shares = []
     for m in [m for m in (1, 2, 4, 8) if schedule == "gpipe" or m >= p]:  # 1F1B needs m >= p
+        cfg = RunConfig().with_overrides({**_balanced(p, schedule), "model.width": 4096, "train.batch_size": 4096,
+                                          "train.micro_batches": m, "sim.memory": "80GiB"})
+        shares.append(idle_shares({d.device: d.modelled["spans"] for d in estimate(cfg, "trace").devices}))
+        for share in shares[-1]:
+            assert abs(share - ideal_bubble(p, m)) < 0.02, (m, shares[-1], ideal_bubble(p, m))
+    for d in range(p):
+        assert all(a[d] > b[d] for a, b in zip(shares, shares[1:])), shares
+
+
+def _balanced(p: int, schedule: str) -> dict:
+    """One residual block per stage; the first and last add the cheap 8-wide ends."""
+    return {"model.kind": "mlp", "model.depth": p, "model.in_features": 8, "model.out_features": 8,
+            "train.steps": 2, "train.optimizer": "sgd", "placement.split": "2,2" if p == 2 else "2,1,1,2",
+            "mode": "pipeline", "devices": f"sim:{p}", "train.schedule": schedule}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p,schedule", [(2, "gpipe"), (2, "1f1b"), (4, "gpipe"), (4, "1f1b")])
+def test_the_bubble_shrinks_with_micro_batches_in_a_run(p, schedule):
+    """The same stages run for real with 64 samples: micro-batches of 8 to 64 rows are
+    memory-bound, so each later micro-batch's gradient accumulation makes it slower than
+    the first and the end stages' small kernels weigh more; the bubble still shrinks
+    strictly with m, and stays within 2.5 (p = 2) and 3.5 (p = 4) points of the formula."""
+    settings = {**_balanced(p, schedule), "model.width": 4096, "train.batch_size": 64}
+    shares = []
+    for m in [m for m in (1, 2, 4, 8) if schedule == "gpipe" or m >= p]:
         step = modelled(run(settings, train__micro_batches=m), 2)
-        start = min(s.start_s for s in step if s.phase in ("forward", "backward"))
-        end = max(s.end_s for s in step if s.phase == "backward")
-        busy = [sum(min(s.end_s, end) - max(s.start_s, start) for s in step
-                    if s.device == d and s.phase in ("forward", "backward")) for d in range(p)]
-        shares.append([1 - b / (end - start) for b in busy])
+        shares.append(idle_shares({d: [(s.phase, s.start_s, s.end_s) for s in step if s.device == d]
+                                   for d in range(p)}))
         for share in shares[-1]:
             assert -0.01 < share - ideal_bubble(p, m) < (0.025 if p == 2 else 0.035), (m, shares[-1], ideal_bubble(p, m))
     for d in range(p):

@@ -3,11 +3,12 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from paralab.core import validation
 from paralab.core.config import Bytes, ConfigError, RunConfig, field_docs, keys
 
 
 def test_defaults_are_valid():
-    assert RunConfig(devices="sim:1").validate() == []
+    assert validation.problems(RunConfig(devices="sim:1")) == []
 
 
 def test_toml_round_trip(tmp_path):
@@ -64,14 +65,14 @@ def test_malformed_toml_is_a_config_error():
     ({"model.kind": "transformer", "data.kind": "regression"}, "does not fit model"),
 ])
 def test_validate_explains(overrides, words):
-    problems = RunConfig(devices="sim:1").with_overrides(overrides).validate()
+    problems = validation.problems(RunConfig(devices="sim:1").with_overrides(overrides))
     assert any(words in p for p in problems), problems
 
 
 @pytest.mark.parametrize("mode, ok", [("fsdp", False), ("pipeline", False), ("ddp", True), ("tensor-parallel", True)])
 def test_shared_gpu_refuses_what_gloo_cannot_do_on_cuda(mode, ok):
     cfg = RunConfig(mode=mode, devices="cuda:0x2").with_overrides({"model.kind": "mlp"})
-    problems = cfg.validate(resolve_devices=False)
+    problems = validation.problems(cfg, resolve_devices=False)
     assert (not any("share one GPU" in p for p in problems)) == ok, problems
 
 
@@ -102,7 +103,7 @@ def test_random_input_is_refused_with_a_sentence_or_accepted(key, value):
     except ConfigError as e:
         assert str(e) and "\n" not in str(e) and "Traceback" not in str(e)
         return
-    problems = cfg.validate(resolve_devices=True)
+    problems = validation.problems(cfg, resolve_devices=True)
     assert all(isinstance(p, str) and p for p in problems)
 
 

@@ -25,6 +25,7 @@ MODELS = {
     "mlp": {"model.kind": "mlp", "model.width": 32, "model.depth": 2, "train.batch_size": 8},
     "transformer": {"model.kind": "transformer", "model.width": 32, "model.depth": 2, "model.heads": 2,
                     "model.seq_len": 16, "model.vocab": 64, "train.batch_size": 4},
+    "split-nn": {"model.kind": "split-nn", "data.kind": "auto", "train.batch_size": 8},
 }
 FLOAT = 4  # bytes; every model here trains in float32
 
@@ -79,6 +80,8 @@ CASES = {
     "transformer-ddp": ("transformer", "ddp", {}),
     "transformer-fsdp": ("transformer", "fsdp", {}),
     "transformer-tensor-parallel": ("transformer", "tensor-parallel", {}),
+    # The model-parallel seed: Linear(10, 50), ReLU, Linear(50, 20) is cut as an MLP block.
+    "split-nn-tensor-parallel": ("split-nn", "tensor-parallel", {}),
 }
 
 
@@ -90,7 +93,7 @@ def test_loss_matches_single_step_by_step(model, mode, extra):
 # ---- memory: what each mode replicates and what it splits ----------------------------------------
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
 def test_ddp_replicates_params_grads_and_optimizer(model):
     ref = held(single(model), 1)[0]
     per_device = held(run(model, "ddp"), 2)
@@ -123,7 +126,7 @@ def assert_sharded(per_device: list[dict[str, int]], ref: dict[str, int], bound:
         assert sum(values) >= ref[cat], (cat, values, ref[cat])
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
 def test_fsdp_shards_params_grads_and_optimizer(model):
     ref = held(single(model), 1)[0]
     per_device = held(run(model, "fsdp"), 2)
@@ -177,7 +180,7 @@ def tensor_parallel_bytes(model: str, n: int) -> int:
     return sum(p.numel() * FLOAT // (n if any(s in name for s in split) else 1) for name, p in net.named_parameters())
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
 def test_tensor_parallel_splits_the_blocks(model):
     ref = held(single(model), 1)[0]
     per_device = held(run(model, "tensor-parallel"), 2)
@@ -187,6 +190,14 @@ def test_tensor_parallel_splits_the_blocks(model):
         assert b["params"] == b["grads"] == expected
         tensors = len(list(meta_model(model).parameters()))
         assert b["optimizer"] == adam_state_bytes(expected, tensors)
+
+
+def test_tensor_parallel_cuts_the_split_nn_as_an_mlp_block():
+    """Hand count on sim:2: Linear(10, 50) by columns (250 weights and 25 biases each),
+    Linear(50, 20) by rows (500 weights each, its 20 biases whole), Linear(20, 1) whole."""
+    per_device = (250 + 25 + 500 + 20 + 21) * FLOAT
+    for b in held(run("split-nn", "tensor-parallel"), 2):
+        assert b["params"] == b["grads"] == per_device
 
 
 @pytest.mark.slow

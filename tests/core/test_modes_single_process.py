@@ -19,7 +19,7 @@ from paralab.core.events import MemorySample, PhaseSpan
 from paralab.core.memory import MemoryLedger
 from paralab.core.models import build_model, split_layers
 from paralab.core.parallel.data_parallel import apply_data_parallel
-from paralab.core.worker import Probe, RankContext, RankJob
+from paralab.core.strategy import Probe, RankContext, RankJob
 
 from tests.helpers import adam_state_bytes, ended, losses, memory_by_device, run_events
 

@@ -4,6 +4,7 @@ device holds only its stage, and the timeline shows every micro-batch and the bu
 from __future__ import annotations
 
 import pytest
+from paralab.core import validation
 from paralab.core.config import ConfigError, RunConfig
 from paralab.core.events import PhaseSpan
 from paralab.core.models import build_model, num_layers, split_layers
@@ -143,8 +144,8 @@ def _pipeline(**overrides) -> RunConfig:
     ({"train.schedule": "1f1b", "train.micro_batches": 1}, "at least as many micro-batches as devices"),
 ])
 def test_bad_layouts_are_refused_with_a_sentence(overrides, words, no_leftover_ranks):
-    assert _pipeline().validate() == []
-    problems = _pipeline(**overrides).validate()
+    assert validation.problems(_pipeline()) == []
+    problems = validation.problems(_pipeline(**overrides))
     assert len(problems) == 1 and words in problems[0], problems
     with pytest.raises(ConfigError, match=words):
         Run(_pipeline(**overrides))

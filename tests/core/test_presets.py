@@ -1,7 +1,7 @@
 """Every preset runs a few steps (examples as smoke tests)."""
 
 import pytest
-from paralab.core import presets
+from paralab.core import presets, validation
 
 from tests.helpers import ended, losses, run_events
 
@@ -19,7 +19,7 @@ def test_preset_runs_and_its_loss_falls_from_the_first_steps(name, no_leftover_r
     cfg = presets.load(name)
     devices = "sim:2" if cfg.devices == "auto" else cfg.devices
     cfg = cfg.with_overrides({"devices": devices, "train.steps": STEPS})
-    assert cfg.validate() == []
+    assert validation.problems(cfg) == []
     events = run_events(cfg)
     assert ended(events).status == "ok", ended(events)
     loss = losses(events)

@@ -140,14 +140,19 @@ def test_controller_death_takes_its_ranks_along(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["raise"])
-def test_rank_exception_is_reported(kind, no_leftover_ranks):
+def test_rank_exception_is_reported(kind, no_leftover_ranks, tmp_path, monkeypatch):
+    """One sentence for the person; the traceback behind it in the log file."""
+    monkeypatch.setenv("PARALAB_LOG", str(tmp_path / "paralab.log"))
     events = list(Run(DDP, faults={0: f"{kind}@3"}).events())
     end = events[-1]
     assert end.status == "error" and end.device == 0 and "injected fault" in end.message
+    assert "\n" not in end.message and "Traceback" not in end.message
+    logged = (tmp_path / "paralab.log").read_text()
+    assert end.message in logged and "Traceback (most recent call last)" in logged and "_inject" in logged
 
 
 def _pretend_rank(seconds: float) -> None:
-    from paralab.core.worker import RANK_NAME, name_process
+    from paralab.core.lifeline import RANK_NAME, name_process
 
     name_process(f"{RANK_NAME}7")
     time.sleep(seconds)

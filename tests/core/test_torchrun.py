@@ -36,7 +36,7 @@ ENV.pop("PARALAB_AUTHKEY", None)
 
 def _torchrun(port: int, key: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "paralab.core.worker",
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "paralab.core.rank",
          "--controller", f"127.0.0.1:{port}"],
         env={**ENV, "PARALAB_AUTHKEY": key}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

@@ -508,3 +508,16 @@ def test_the_timeline_says_its_clock_and_the_modelled_figures(qtbot):
     timeline.refresh(host, force=True)
     assert timeline.info.text().startswith("Host time (measured)")
     assert not timeline.host_time.isVisibleTo(timeline)
+
+
+def test_a_transformers_rate_is_said_in_tokens_too():
+    from paralab.gui.dashboard import rate_text
+
+    data = RunData()
+    data.reset(RunStarted("single", start(1).devices, {"model": {"kind": "transformer", "seq_len": 64}}, 1))
+    data.add([StepDone(i, 1.0, 0.1 * i, 100.0) for i in range(1, 4)])
+    assert data.tokens_per_sample == 64
+    assert "6,400 tokens/s" in rate_text(data) and "100 samples/s" in rate_text(data)
+    mlp = RunData()
+    mlp.reset(start(1))
+    assert mlp.tokens_per_sample == 0
