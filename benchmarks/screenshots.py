@@ -4,7 +4,9 @@
 
 first open; 2, 8 and 32 devices at 1280×720 and 1920×1080 (the layouts, fed with
 synthetic events: 32 rank processes would not fit a small machine); a real run with a
-pause and a learning-rate change; an out-of-memory; and a new run after it.
+pause and a learning-rate change; an out-of-memory; and a new run after it; then the same
+model run again as FSDP with the last run as a ghost, Compare runs… on the session, and a
+replay of the first run paused halfway.
 """
 
 from __future__ import annotations
@@ -74,6 +76,31 @@ def synthetic(n: int, steps: int = 120) -> list:
     return events
 
 
+def recordings(app: QApplication, w, out: Path) -> None:
+    """Run again with a change (the ghost), Compare runs…, a replay scrubbed to its middle."""
+    w.stop_run()
+    wait(app, lambda: not w.controller.running, 60)
+    w.panel.set_config(presets.load("mlp-ddp").with_overrides({"mode": "fsdp", "train.steps": 150}))
+    wait(app, lambda: w.again_action.isEnabled(), 30)
+    w.again_action.trigger()
+    wait(app, lambda: not w.controller.running and w.data.end is not None, 180)
+    shoot(app, w, out / "08-run-again-with-ghost-1280x720.png")
+    w.open_compare()
+    dialog = w.compare_dialog
+    dialog.move(0, 0)
+    wait(app, lambda: False, 1)
+    g = dialog.frameGeometry()
+    dialog.screen().grabWindow(0, g.x(), g.y(), g.width(), g.height()).save(str(out / "09-compare-runs.png"))
+    print("wrote", out / "09-compare-runs.png", flush=True)
+    dialog.close()
+    first = w.session_runs[0]
+    w.open_run(first.all_events(), speed=10, name="the first run")
+    w.replay.pause()
+    w.replay.seek(w.replay.duration / 2)
+    shoot(app, w, out / "10-replay-halfway-1280x720.png")
+    w.close_replay()
+
+
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "screenshots")
     out.mkdir(parents=True, exist_ok=True)
@@ -128,6 +155,7 @@ def main() -> int:
     shoot(app, w, out / "06-new-run-starting-1280x720.png")
     wait(app, lambda: w.data.last_step is not None and w.data.last_step.step >= 40, 180)
     shoot(app, w, out / "07-new-run-after-oom-1280x720.png")
+    recordings(app, w, out)
     w.close()
     wait(app, lambda: not w.controller.running and not w.isVisible(), 60)
     return 0

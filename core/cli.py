@@ -1,4 +1,5 @@
-"""The `paralab` command line: run, estimate, devices, presets (and gui, added by paralab.gui).
+"""The `paralab` command line: run, estimate, compare, devices, presets (and gui, replay, open,
+added by paralab.gui).
 
 Exit status: 0 finished, 1 the run failed (out of memory, crashed rank), 2 bad input
 (the problem on stderr, no traceback), 130 stopped by Ctrl-C, 143 stopped by SIGTERM.
@@ -11,6 +12,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 from .config import ConfigError, RunConfig, field_docs, human_bytes
@@ -62,8 +64,8 @@ def load_config(args: argparse.Namespace, check: bool = True) -> RunConfig:
 def build_parser(extra: dict[str, Callable[[argparse.ArgumentParser], None]] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="paralab", description="A desktop lab for multi-GPU parallelism in PyTorch.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    for name, setup in (extra or {}).items():
-        setup(sub.add_parser(name))
+    for name, setup in (extra or {}).items():  # the setup's docstring is the command's help
+        setup(sub.add_parser(name, help=(setup.__doc__ or "").strip() or None))
     p = sub.add_parser("run", help="train headless, printing progress and writing events")
     add_config_args(p)
     p.add_argument("--metrics", metavar="FILE.jsonl", help="write every event to this file as it happens")
@@ -82,16 +84,24 @@ def build_parser(extra: dict[str, Callable[[argparse.ArgumentParser], None]] | N
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--method", choices=("both", "formula", "trace"), default="both",
                    help="formula, trace one step on fake tensors, or both (default)")
+    p = sub.add_parser("compare", help="compare 2 to 4 recorded runs (events files): loss, memory, speed, config")
+    p.add_argument("files", nargs="+", metavar="RUN.jsonl", help="events files written by paralab run --metrics")
+    p.add_argument("--png", metavar="FILE", help="also draw the comparison into this PNG")
+    p.add_argument("--csv", metavar="FILE", help="write one row per run and device: its peak by category")
     p = sub.add_parser("devices", help="list the GPUs and what 'auto' means here")
     p.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("presets", help="list the presets")
     return parser
 
 
+PngRenderer = Callable[[list[Any], str], None]
+
+
 def main(argv: list[str] | None = None,
          extra: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] | None = None,
-         default: str = "run") -> int:
-    """Entry point; `extra` adds subcommands (name: (set up parser, run)) from outside core."""
+         default: str = "run", png: PngRenderer | None = None) -> int:
+    """Entry point; `extra` adds subcommands (name: (set up parser, run)) from outside core,
+    `png` draws `compare --png` (core has no Qt; paralab.gui passes its renderer)."""
     extra = extra or {}
     parser = build_parser({name: setup for name, (setup, _) in extra.items()})
     try:
@@ -103,6 +113,8 @@ def main(argv: list[str] | None = None,
             return cmd_run(args)
         if command == "estimate":
             return cmd_estimate(args)
+        if command == "compare":
+            return cmd_compare(args, png)
         if command == "devices":
             return cmd_devices(args)
         if command == "presets":
@@ -285,6 +297,36 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), indent=2))
     else:
         print(result.table())
+    return EXIT_OK
+
+
+# ---- compare -----------------------------------------------------------------------------------
+
+
+def cmd_compare(args: argparse.Namespace, png: PngRenderer | None) -> int:
+    from .compare import CompareError, load_runs, table, write_csv
+
+    if args.png and png is None:
+        raise BadInput("--png draws with the app's plotting library: run it as `paralab compare`")
+    for option in ("csv", "png"):
+        target = getattr(args, option)
+        if target is not None and (not target or Path(target).is_dir()):
+            raise BadInput(f"--{option} takes a file name, e.g. compare.{option}")
+    try:
+        runs = load_runs(args.files)
+    except CompareError as e:
+        raise BadInput(str(e)) from None
+    print(table(runs))
+    try:
+        if args.csv:
+            with open(args.csv, "w", newline="", encoding="utf-8") as f:
+                write_csv(runs, f)
+            print(f"paralab: per-device peaks written to {args.csv}", file=sys.stderr)
+        if args.png:
+            png(runs, args.png)
+            print(f"paralab: comparison drawn in {args.png}", file=sys.stderr)
+    except OSError as e:
+        raise BadInput(f"cannot write {e.filename or 'the output'}: {e.strerror or e}") from None
     return EXIT_OK
 
 

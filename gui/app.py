@@ -19,7 +19,10 @@ from ..core.run import prewarm
 from .main_window import MainWindow
 
 
-def main(cfg: RunConfig | None = None, start: bool = False) -> int:
+def main(cfg: RunConfig | None = None, start: bool = False, replay: tuple[list, float, str] | None = None,
+         session: str | None = None) -> int:
+    """Open the app; `replay` = (events, speed, name) plays a recording at once, `session`
+    opens a session file (its settings, and its recorded run when it has one)."""
     from .syscheck import report
 
     problem = report()  # Qt's own message for a missing X11 library names the wrong one
@@ -36,6 +39,10 @@ def main(cfg: RunConfig | None = None, start: bool = False) -> int:
     window.show()
     if start:
         QTimer.singleShot(0, window.start_run)
+    if session is not None:
+        QTimer.singleShot(0, lambda: window.open_session(session))
+    if replay is not None:
+        QTimer.singleShot(0, lambda: window.open_run(replay[0], replay[1], replay[2]))
 
     received: list[int] = []
 

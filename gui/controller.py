@@ -27,6 +27,8 @@ from ..core.events import RunEnded, RunStarted
 from ..core.run import Run
 
 BATCH_MS = 50
+KEEP_RUNS = 8
+"""Events files kept in the runs folder (the session's runs, for comparing); older ones go."""
 RANK_NICENESS = 5
 """Local ranks run this much nicer than the window: on a machine with few cores they
 would otherwise take the CPU the event loop needs to draw (stalls of tens of ms); they
@@ -79,6 +81,7 @@ class RunController(QObject):
         self.runs_dir = Path(runs_dir) if runs_dir else Path(tempfile.mkdtemp(prefix="paralab-runs-"))
         self.metrics_path: Path | None = None
         """The events (.jsonl) of the current or last run."""
+        self._kept: deque[Path] = deque()
         self.last_start: RunStarted | None = None
         self.last_end: RunEnded | None = None
         self.last_checkpoint: str | None = None
@@ -127,9 +130,10 @@ class RunController(QObject):
         if self._thread is not None:
             return False
         self._count += 1
-        if self.metrics_path and self.metrics_path.exists():
-            self.metrics_path.unlink()  # keep only the last run's events on disk
         self.metrics_path = self.runs_dir / f"run-{self._count}.jsonl"
+        self._kept.append(self.metrics_path)
+        while len(self._kept) > KEEP_RUNS:  # the session compares its last few runs, not all
+            self._kept.popleft().unlink(missing_ok=True)
         self.last_start = self.last_end = None
         self._paused = False
         self._niced.clear()

@@ -39,6 +39,7 @@ from .plot_items import Markers, Placeholder
 from .style import (
     CAPACITY_COLOR,
     CATEGORY_COLORS,
+    GHOST_COLOR,
     PREDICTION_COLOR,
     device_color,
     legend_html,
@@ -269,6 +270,18 @@ class MemoryPlot:
         self.capacity.hide()
         self.predicted.hide()
         self.peak_mib: float | None = None
+        # The previous run's peak on this device (Run again with this change): a faint dashed
+        # line, so "the memory dropped" reads at a glance whatever each run's start-up took.
+        self.ghost = pg.InfiniteLine(angle=0, pen=pg.mkPen(GHOST_COLOR, width=2, style=Qt.PenStyle.DashLine))
+        plot.addItem(self.ghost)
+        self.ghost.hide()
+        self.ghost_mib: float | None = None
+
+    def set_ghost(self, peak_mib: float | None) -> None:
+        self.ghost_mib = peak_mib
+        self.ghost.setVisible(peak_mib is not None)
+        if peak_mib is not None:
+            self.ghost.setPos(peak_mib)
 
     def set_prediction(self, peak_bytes: int | None) -> None:
         self.peak_mib = None if peak_bytes is None else peak_bytes / MIB
@@ -284,7 +297,8 @@ class MemoryPlot:
         if len(t):
             # The view holds the curves and the prediction they are compared with; the
             # capacity shows when near (it is often far above, and would squash them).
-            self.follow.fit(float(t[0]), float(t[-1]), 0.0, max(self.area.top, self.peak_mib or 0.0))
+            top = max(self.area.top, self.peak_mib or 0.0, self.ghost_mib or 0.0)
+            self.follow.fit(float(t[0]), float(t[-1]), 0.0, top)
 
     def clear(self) -> None:
         self.area.setData(EMPTY, np.empty((len(CATEGORIES), 0)))
@@ -351,6 +365,14 @@ class Dashboard(QWidget):
         self._follow = {"loss": Follow(self.loss_plot), "rate": Follow(self.rate_plot),
                         "util": Follow(self.util_plot, y_fixed=(0.0, 100.0))}
         self._util_title = ""
+        # "Run again with this change": the previous run stays as a faint line behind this one.
+        self.ghost_curves = {"loss": self._ghost_curve(self.loss_plot), "rate": self._ghost_curve(self.rate_plot)}
+        self._ghost_range: tuple[float, float, float, float] | None = None
+        self._ghost_rate_top = 0.0
+        self.ghost_title = ""
+        # Named inside the loss plot (its top right stays empty: the view leaves x room to grow).
+        self.ghost_legend = self.loss_plot.addLegend(offset=(-5, 5))
+        self.ghost_legend.setVisible(False)
 
         self.log_loss = QCheckBox("log-scale loss")
         self.log_loss.toggled.connect(self.set_log_loss)
@@ -403,6 +425,49 @@ class Dashboard(QWidget):
 
     def start(self) -> None:
         self.timer.start()
+
+    @staticmethod
+    def _ghost_curve(plot: pg.PlotItem) -> pg.PlotDataItem:
+        item = pg.PlotDataItem(pen=pg.mkPen(GHOST_COLOR, width=2), connect="finite")
+        item.setZValue(-10)  # behind the run it is compared with
+        plot.addItem(item)
+        return item
+
+    def set_ghost(self, data: RunData | None, label: str = "") -> None:
+        """Keep `data`'s loss and rate curves, and each device's peak memory, as faint lines
+        behind the next run (None: none).
+        The arrays are copied: the buffers are about to be reset for the next run."""
+        s = data.steps if data is not None else None
+        devices = data.devices if data is not None and s is not None and len(s) else []
+        for i, mp in enumerate(self.mem_plots):
+            peak = devices[i].peak_bytes if i < len(devices) else 0
+            mp.set_ghost(peak / MIB if peak else None)
+        if s is None or not len(s):
+            for curve in self.ghost_curves.values():
+                curve.setData(EMPTY, EMPTY)
+            self._ghost_range = None
+            self._ghost_rate_top = 0.0
+            self.ghost_title = ""
+            self.ghost_legend.clear()
+            self.ghost_legend.setVisible(False)
+            return
+        step, t, loss, rate = (s.column(i).copy() for i in (0, 1, 2, 5))
+        self.ghost_curves["loss"].setData(step, loss)
+        self.ghost_curves["rate"].setData(t, rate)
+        finite = loss[np.isfinite(loss)]
+        self._ghost_range = (float(step[0]), float(step[-1]), float(finite.min()), float(finite.max())) \
+            if len(finite) else None
+        finite_rate = rate[np.isfinite(rate)]
+        self._ghost_rate_top = float(finite_rate.max()) if len(finite_rate) else 0.0
+        self.ghost_title = label or "previous run"
+        self.ghost_legend.clear()
+        # A short name: the loss plot can be 200 px wide; the run itself is in the tooltip.
+        self.ghost_legend.addItem(self.ghost_curves["loss"], "previous run")
+        self.ghost_legend.setToolTip(f"The faint line: {self.ghost_title} (kept by Run again with this change)")
+        self.ghost_legend.setVisible(True)
+        self._seen.pop("steps", None)  # refit the views around the ghost at the next refresh
+        self._seen.pop("all", None)
+        self._drawn.pop("memory", None)
 
     def stop(self) -> None:
         self.timer.stop()
@@ -515,12 +580,17 @@ class Dashboard(QWidget):
             shown = loss[np.isfinite(loss) & (loss > 0)] if log else loss[np.isfinite(loss)]
             if len(shown):
                 lo, hi = float(shown.min()), float(shown.max())
+                x0, x1 = float(step[0]), float(step[-1])
+                if self._ghost_range is not None and not log:  # the previous run stays in view
+                    x0, x1 = min(x0, self._ghost_range[0]), max(x1, self._ghost_range[1])
+                    lo, hi = min(lo, self._ghost_range[2]), max(hi, self._ghost_range[3])
                 if log:
                     lo, hi = math.log10(lo), math.log10(hi)
-                self._follow["loss"].fit(float(step[0]), float(step[-1]), lo, hi)
+                self._follow["loss"].fit(x0, x1, lo, hi)
             finite_rate = rate[np.isfinite(rate)]
             if len(finite_rate):
-                self._follow["rate"].fit(float(t[0]), float(t[-1]), 0.0, float(finite_rate.max()))
+                self._follow["rate"].fit(float(t[0]), float(t[-1]), 0.0,
+                                         max(float(finite_rate.max()), self._ghost_rate_top))
         average = data.average_rate
         self.average_line.setVisible(average is not None)
         if average is not None:
@@ -644,3 +714,4 @@ class Dashboard(QWidget):
             plot.titleLabel.setText(plot.titleLabel.text, color=fg.name())
         for placeholder in self.placeholders.values():
             placeholder.set_color(fg)
+        self.ghost_legend.setLabelTextColor(fg)

@@ -37,10 +37,13 @@ from ..core import checkpoint, presets
 from ..core.config import ConfigError, RunConfig
 from ..core.events import CATEGORIES, RunEnded, RunStarted, read_events, to_dict
 from .buffers import RunData
+from .compare_dialog import CompareDialog, SessionRun
 from .config_panel import ConfigPanel
 from .controller import RunController
 from .dashboard import Dashboard, rate_text
 from .mesh_grid import preview_plan
+from .recordings import Recordings
+from .replay import Replay, ReplayBar
 from .welcome import Welcome
 
 THEMES = ("light", "dark")
@@ -88,7 +91,7 @@ class Banner(QFrame):
         return self.label.text() if self.isVisible() else ""
 
 
-class MainWindow(QMainWindow):
+class MainWindow(Recordings, QMainWindow):
     def __init__(self, cfg: RunConfig | None = None, settings: QSettings | None = None) -> None:
         super().__init__()
         self.setWindowTitle("paralab")
@@ -120,6 +123,12 @@ class MainWindow(QMainWindow):
         self.dashboard = Dashboard()
         self.dashboard.bind(self.data)
         self.banner = Banner()
+        self.replay: Replay | None = None
+        self.session_runs: list[SessionRun] = []
+        """The runs of this session (finished runs, recordings opened), for Compare runs…."""
+        self.compare_dialog: CompareDialog | None = None
+        self.replay_bar = ReplayBar()
+        self.replay_bar.closed.connect(self.close_replay)
         self._build_center()
         self._build_actions()
         self._build_status()
@@ -143,6 +152,7 @@ class MainWindow(QMainWindow):
         v = QVBoxLayout(center)
         v.setContentsMargins(6, 6, 6, 0)
         v.addWidget(self.banner)
+        v.addWidget(self.replay_bar)
         self.welcome = Welcome()
         self.welcome.chosen.connect(self._on_welcome_preset)
         self.welcome.dismissed.connect(self.show_dashboard)
@@ -178,10 +188,15 @@ class MainWindow(QMainWindow):
             "Switch layout", self.switch_run, None,
             "While paused: go on from this step with the form's mode, devices or mesh; the weights and "
             "optimizer state carry over (torch.distributed.checkpoint reshards them)")
+        self.again_action = self._action("Run again with this change", lambda: self.start_run(ghost=True),
+                                         "Ctrl+Shift+R", "Start these settings; the last run stays as a faint line")
+        self.compare_action = self._action("Compare runs…", self.open_compare, "Ctrl+Shift+C",
+                                           "Compare 2 to 4 runs of this session side by side")
         bar = self.addToolBar("Run")
         bar.setObjectName("runToolbar")
         bar.setMovable(False)
-        for a in (self.start_action, self.pause_action, self.resume_action, self.switch_action, self.stop_action):
+        for a in (self.start_action, self.pause_action, self.resume_action, self.switch_action, self.stop_action,
+                  self.again_action, self.compare_action):
             bar.addAction(a)
         bar.addSeparator()
         bar.addWidget(QLabel(" Learning rate "))
@@ -196,6 +211,15 @@ class MainWindow(QMainWindow):
         file.addAction(self.open_action)
         file.addAction(self._action("Save config…", self._save_config_dialog, "Ctrl+S"))
         file.addSeparator()
+        self.open_run_action = self._action("Open run…", self._open_run_dialog, "Ctrl+Shift+O",
+                                            "Play a recorded events file (.jsonl) in these views")
+        file.addAction(self.open_run_action)
+        self.open_session_action = self._action("Open session…", self._open_session_dialog, None,
+                                                "Settings, seed and a recorded run, from a session file")
+        file.addAction(self.open_session_action)
+        file.addAction(self._action("Save session…", self._save_session_dialog, "Ctrl+Shift+S",
+                                    "Save these settings (seed included) and the run on screen to one file"))
+        file.addSeparator()
         file.addAction(self._action("Export plots to PNG…", self._export_png_dialog))
         file.addAction(self._action("Export events to CSV…", lambda: self._export_events_dialog("csv")))
         file.addAction(self._action("Export events to JSONL…", lambda: self._export_events_dialog("jsonl")))
@@ -205,6 +229,9 @@ class MainWindow(QMainWindow):
         run = menu.addMenu("&Run")
         for a in (self.start_action, self.pause_action, self.resume_action, self.switch_action, self.stop_action):
             run.addAction(a)
+        run.addSeparator()
+        run.addAction(self.again_action)
+        run.addAction(self.compare_action)
 
         self.presets_menu = menu.addMenu("&Presets")
         for name in presets.names():
@@ -297,10 +324,13 @@ class MainWindow(QMainWindow):
 
     # ---- run controls ----------------------------------------------------------------------
 
-    def start_run(self) -> bool:
+    def start_run(self, ghost: bool = False) -> bool:
+        """Start the form's run; `ghost` keeps the last run's loss and rate as faint lines."""
         cfg = self.panel.config()
         if cfg is None or self.panel.problems() or self.controller.running:
             return False
+        self.dashboard.set_ghost(self.data if ghost else None, self._run_title(self.data) if ghost else "")
+        self.close_replay()
         self.banner.hide()
         self.statusBar().clearMessage()  # the last run's verdict would hide the start-up progress
         self._remember()
@@ -390,13 +420,15 @@ class MainWindow(QMainWindow):
     def _set_state(self, state: str) -> None:
         self._state = state
         self.state_label.setText({"idle": "Ready", "starting": "Starting the ranks…", "running": "Running",
-                                  "paused": "Paused", "stopping": "Stopping…"}[state])
+                                  "paused": "Paused", "stopping": "Stopping…", "replay": "Replaying a recording"}[state])
         self._update_actions()
 
     def _update_actions(self) -> None:
         state, busy = self._state, self.controller.running
         ok = self.panel.config() is not None and not self.panel.problems()
         self.start_action.setEnabled(ok and not busy and not self._closing)
+        self.again_action.setEnabled(self.start_action.isEnabled() and self.data.last_step is not None)
+        self.compare_action.setEnabled(sum(r.available() for r in self.session_runs) >= 2)
         self.pause_action.setEnabled(state == "running")
         self.resume_action.setEnabled(state == "paused")
         self.stop_action.setEnabled(busy and state != "stopping")
@@ -405,6 +437,8 @@ class MainWindow(QMainWindow):
         self.panel.set_locked(busy and state != "paused")  # paused: the form takes a new layout
         self.presets_menu.setEnabled(not busy)  # the form is the running run's until it ends
         self.open_action.setEnabled(not busy)
+        self.open_run_action.setEnabled(not busy)
+        self.open_session_action.setEnabled(not busy)
 
     # ---- controller signals ----------------------------------------------------------------
 
@@ -439,6 +473,8 @@ class MainWindow(QMainWindow):
         last = self.data.last_step
         if last is not None and self._state == "starting":
             self._set_state("running")  # the ranks are up and training
+        if last is not None and self._state == "replay" and not self.again_action.isEnabled():
+            self._update_actions()  # a recording's steps can be the ghost of Run again
         if last is not None:
             self.step_label.setText(f"step {last.step}/{self._total_steps}")
             self.loss_label.setText(f"loss {last.loss:.4g}")
@@ -464,10 +500,13 @@ class MainWindow(QMainWindow):
     def _on_finished(self) -> None:
         end, target = self.controller.last_end, self._switch_to
         self._switch_to = None
-        run = self.controller
+        c = self.controller
         if target is not None and end is not None and "to switch layout" in end.message and not self._closing:
-            self._launch(target, resume=run.last_checkpoint)  # the plots go on (RunData.go_on)
+            self._launch(target, resume=c.last_checkpoint)  # the plots go on (RunData.go_on)
             return
+        if c.last_start is not None and c.last_end is not None and c.metrics_path is not None:
+            self._add_session_run(SessionRun(self._run_title(self.data, len(self.session_runs) + 1),
+                                              path=c.metrics_path))
         self.dashboard.stop()
         self._set_state("idle")
         if self._closing:

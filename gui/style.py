@@ -29,6 +29,7 @@ PHASE_COLORS: dict[str, str] = {
 # Per-device lines: none of the memory categories' colours, so a device's line is never
 # read as "grads" or "params" beside the stacked areas.
 DEVICE_COLORS = ("#D55E00", "#17BECF", "#7B3294", "#8C510A", "#BCBD22", "#3F51B5", "#E7298A", "#01665E")
+GHOST_COLOR = "#9AA0A6"       # faint grey: the previous run, behind this one
 CAPACITY_COLOR = "#D62728"     # the line a device must stay under
 PREDICTION_COLOR = "#8E44AD"   # the estimate drawn before the run
 OOM_COLOR = "#D62728"

@@ -17,6 +17,8 @@ SUMMARIES = {
     "transformer-fsdp": "A GPT sharded with FSDP: about 1/N of the model on each device.",
     "transformer-pipeline": "A GPT in 1F1B pipeline stages: the timeline shows the bubble.",
     "out-of-memory": "Too big on purpose: the out-of-memory names the device and the category.",
+    "transformer-fsdp-tp": "A GPT on a 2 × 2 mesh: FSDP shards what tensor parallel splits.",
+    "mlp-dp-pp": "Two pipelines side by side: each has its bubble; stage copies all-reduce.",
 }
 
 WHAT_START_SHOWS = (
