@@ -144,7 +144,7 @@ def test_start_clears_the_last_runs_capacity_prediction_and_ranges(window, monke
     assert mp.capacity.isVisible() and mp.predicted.isVisible() and dash.devices.gauges[0].oom
     assert mp.plot.getViewBox().viewRange()[0][1] > 800
 
-    monkeypatch.setattr(w.controller, "start", lambda cfg: True)  # no ranks: what shows before any event
+    monkeypatch.setattr(w.controller, "start", lambda cfg, **_: True)  # no ranks: what shows before any event
     assert w.start_run()
     for mp in dash.mem_plots:
         assert not mp.capacity.isVisible() and not mp.predicted.isVisible()
