@@ -92,7 +92,8 @@ class Run:
                     else validation.problems(config, resolve_devices=devices is None))
         if resume or save_at_end:
             problems = [*problems, *filter(None, [checkpoint.switch_problem(config)])]
-        self.resume: tuple[str, int] | None = None
+        self.resumed_from: tuple[str, int] | None = None
+        """(path, step) of the switched run this one goes on from."""
         if resume and not problems:
             note = checkpoint.saved(resume)
             if note.get("model") != config.to_dict()["model"]:
@@ -100,7 +101,7 @@ class Run:
             elif note["step"] >= config.train.steps:
                 problems.append(f"train.steps {config.train.steps} must be above step {note['step']}, "
                                 "where the run being continued stopped")
-            self.resume = (resume, int(note["step"]))
+            self.resumed_from = (resume, int(note["step"]))
         if metrics and (problem := any_problem(metrics)):
             problems = [*problems, problem]
         if problems:
@@ -250,7 +251,7 @@ class Run:
             model = gpu_models()[self.config.sim.gpu]
             clock, gpu = model.describe(len(self.devices)), asdict(model)
         return RunStarted(self.config.mode, devices, self.config.to_dict(), self.world, params, time.time(),
-                          clock, gpu, first_step=self.resume[1] + 1 if self.resume else 1)
+                          clock, gpu, first_step=self.resumed_from[1] + 1 if self.resumed_from else 1)
 
     def _sampled_devices(self) -> list[Device]:
         """The devices telemetry can watch: all but another machine's GPUs (its NVML is not ours)."""
@@ -368,8 +369,8 @@ class _Supervisor:
                           store_port=self.store.port if self.store else 0, backend=backend,
                           fault=run.faults.get(rank, ""), log_path=str(log.path()),
                           checkpoint=run.checkpoint, save_at_end=run.save_at_end,
-                          resume=run.resume[0] if run.resume else "",
-                          first_step=run.resume[1] + 1 if run.resume else 1)
+                          resume=run.resumed_from[0] if run.resumed_from else "",
+                          first_step=run.resumed_from[1] + 1 if run.resumed_from else 1)
             reader, writer = run._ctx.Pipe(duplex=False)
             p = run._ctx.Process(target=worker.main, args=(job, writer, run._shared), daemon=True,
                                  name=f"paralab-rank{rank}")
