@@ -28,6 +28,7 @@ from ..data import make_dataset
 from ..models import ResidualMLPBlock, TransformerBlock, build_model
 from ..strategy import Trainer
 from . import make_optimizer, materialise, standard_step
+from .levers import checkpoint_blocks, ledger_saved
 
 
 def _plan(block):
@@ -49,6 +50,9 @@ def apply_tensor_parallel(ctx) -> Trainer:
         plan = _plan(block)
         if plan:
             parallelize_module(block, mesh, plan)
+    # After the split, as torchtitan orders them: a checkpointed block recomputes its
+    # sharded matmuls and their all-reduces in backward.
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
     materialise(model, cfg, device.torch_device)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     optimizer = make_optimizer(model.parameters(), cfg.train)
