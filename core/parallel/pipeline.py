@@ -25,6 +25,7 @@ from ..data import make_dataset
 from ..models import build_model, loss_fn, num_layers, split_layers, stream_layers
 from ..strategy import Trainer
 from . import make_optimizer
+from .levers import checkpoint_blocks, ledger_saved
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -82,6 +83,7 @@ def apply_pipeline(ctx) -> Trainer:
     # draw the same values as build_model): a rank never holds the whole model.
     submod = nn.Sequential(*(layer for j, layer in stream_layers(cfg.model, cfg.seed) if j in layers))
     submod = submod.to(device.torch_device)
+    checkpoint_blocks(submod, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     example_in, example_out = _example_io(cfg, data, layers, batch_size // m)
     stage = _TimedStage(submod, rank, world, torch.device(device.torch_device),
