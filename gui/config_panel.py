@@ -40,9 +40,11 @@ from PySide6.QtWidgets import (
 from ..core import devices as core_devices
 from ..core import preflight, validation
 from ..core.config import (
+    CHECKPOINTING,
     DATASETS,
     MODELS,
     OPTIMIZERS,
+    PRECISIONS,
     SCHEDULES,
     ConfigError,
     RunConfig,
@@ -66,6 +68,8 @@ FIELD_LABELS = {
     "train.lr": "Learning rate", "train.steps": "Steps", "seed": "Seed",
     "placement.split": "Which device holds which layers",
     "placement.reshard_after_forward": "Reshard after forward",
+    "train.grad_accumulation": "Gradient accumulation", "train.activation_checkpointing": "Activation checkpointing",
+    "train.precision": "Precision", "placement.zero": "ZeRO stage",
 }
 # Only dotted keys: "mode", "seed" and "devices" are also plain words of the sentences.
 _KEY = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(FIELD_LABELS, key=len, reverse=True)
@@ -179,6 +183,8 @@ class ConfigPanel(QWidget):
                 box.setValue(get_value(cfg, key))
             self._set_combo(self.schedule, t.schedule)
             self._set_combo(self.optimizer, t.optimizer)
+            self._set_combo(self.checkpointing, t.activation_checkpointing)
+            self._set_combo(self.precision, t.precision)
             self.lr.setText(repr(t.lr))
             self.reshard.setChecked(cfg.placement.reshard_after_forward)
             self.title.setText(cfg.name or "")
@@ -275,6 +281,18 @@ class ConfigPanel(QWidget):
         self.reshard.setToolTip(self._docs["placement.reshard_after_forward"])
         self.reshard.toggled.connect(self._changed)
         form.addRow(self.reshard)
+        lay.addWidget(box)
+
+        # Levers: what a person turns to make a model fit
+        box = QGroupBox("Levers")
+        form = QFormLayout(box)
+        form.addRow("Gradient accumulation", self._spin("train.grad_accumulation", 1, 4096))
+        self.checkpointing = self._combo(CHECKPOINTING, "train.activation_checkpointing")
+        form.addRow("Activation checkpointing", self.checkpointing)
+        self.precision = self._combo(PRECISIONS, "train.precision")
+        form.addRow("Precision", self.precision)
+        self.zero_label = QLabel("ZeRO stage")
+        form.addRow(self.zero_label, self._spin("placement.zero", 0, 3))
         lay.addWidget(box)
 
         # Footer: problems and the prediction
@@ -422,6 +440,8 @@ class ConfigPanel(QWidget):
             "data.kind": self.data_kind.currentText(),
             "train.schedule": self.schedule.currentText(),
             "train.optimizer": self.optimizer.currentText(),
+            "train.activation_checkpointing": self.checkpointing.currentText(),
+            "train.precision": self.precision.currentText(),
             "train.lr": self.lr.text(),
             "placement.reshard_after_forward": self.reshard.isChecked(),
         }
@@ -495,6 +515,9 @@ class ConfigPanel(QWidget):
         self._spins["train.micro_batches"].setEnabled(mode == "pipeline")
         self.schedule.setEnabled(mode == "pipeline")
         self.reshard.setVisible(mode == "fsdp")
+        zero = mode in ("ddp", "fsdp")  # ZeRO-1 is ddp's, 2 and 3 fsdp's
+        self.zero_label.setVisible(zero)
+        self._spins["placement.zero"].setVisible(zero)
         self.sim_count.setEnabled(self.dev_sim.isChecked())
         self.memory.setEnabled(not self.dev_gpu.isChecked())
         self.share_count.setEnabled(self.share.isChecked())
