@@ -218,3 +218,15 @@ def test_the_trace_predicts_each_lever_within_5_percent(mode, devices, lever):
                                                                         for k, v in lever.items()}))
     for row in rows:
         assert row["measured"] and abs(row["trace_error_pct"]) <= 5.0, row
+
+
+def test_bf16_runs_on_the_modelled_gpus_bf16_peak():
+    """The trace's modelled step (the clock a simulated run keeps): matmuls in bf16 run at the
+    GPU's bf16 peak, far above its fp32 one, so a matmul-bound step takes a fraction of the time."""
+    big = {"model.width": 1024, "model.depth": 2, "train.batch_size": 2048}
+
+    def step_s(precision: str) -> float:
+        cfg = config().with_overrides({**big, "train.precision": precision})
+        return estimate(cfg, method="trace").devices[0].modelled["step_s"]
+
+    assert step_s("bf16") < 0.5 * step_s("fp32")
