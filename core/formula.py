@@ -78,27 +78,39 @@ def shapes(cfg: RunConfig) -> Shapes:
 
 def with_levers(cfg: RunConfig, sh: Shapes) -> tuple[Shapes, float]:
     """The shapes as the levers change them, and the bytes per sample one block recomputes
-    in backward (checkpointing).  `blocks` keeps only each block's input (the previous
-    layer's output); `selective` keeps its input and every other matmul's output (mlp: fc1,
-    2w; transformer: q, v, attention's output and the 4d up-projection); bf16 halves what
-    the blocks save and send, not the loss's float32 output and target."""
+    in backward (checkpointing).
+
+    bf16 (autocast): the MLP saves everything in bf16 but the loss's float32 output and
+    target; a transformer block keeps its residual stream (its input and the sum after
+    attention) and LayerNorm's statistics in float32, the other 14 d per token in bf16; the
+    embedding and the head stay float32.  `blocks` keeps only each block's input (counted
+    as the previous layer's output); `selective` keeps its input and every other matmul's
+    output (mlp: fc1, 2w; transformer: q, v, attention's output and the 4d up-projection)."""
     m, t = cfg.model, cfg.train
-    saved, split, recompute = list(sh.saved), sh.split, 0.0
-    if t.activation_checkpointing != "none" and m.kind in ("mlp", "transformer"):
-        d = m.width
-        per_block = {"blocks": sh.out[1],
-                     "selective": 3 * d * FLOAT if m.kind == "mlp" else m.seq_len * (9 * d + m.heads) * FLOAT}
-        kept = per_block[t.activation_checkpointing]
-        recompute = max(0.0, sh.saved[1] - kept)
-        saved[1:-1] = [kept] * m.depth
+    saved, out, split, recompute = list(sh.saved), list(sh.out), sh.split, 0.0
+    if m.kind not in ("mlp", "transformer"):
+        return sh, 0.0
+    bf16, d, tokens = t.precision == "bf16", m.width, (m.seq_len if m.kind == "transformer" else 1)
+    half = 0.5 if bf16 else 1.0
+    if m.kind == "mlp":
+        block, kept = sh.saved[1] * half, {"blocks": d * FLOAT * half, "selective": 3 * d * FLOAT * half}
+        if bf16:
+            saved[0] *= half
+            saved[-1] = (saved[-1] - sh.loss) * half + sh.loss
+            out = [o * half for o in out]
+            split *= half
+    else:
+        residual = tokens * d * FLOAT  # float32 under autocast: embedding + bf16 promotes
+        block = sh.saved[1] if not bf16 else tokens * (2 * d + 7 * d + 4 + m.heads) * FLOAT
+        kept = {"blocks": residual, "selective": residual + tokens * (7 * d * half + m.heads) * FLOAT}
+        split *= half
+    saved[1:-1] = [block] * m.depth
+    if t.activation_checkpointing in kept:
+        recompute = max(0.0, block - kept[t.activation_checkpointing])
+        saved[1:-1] = [kept[t.activation_checkpointing]] * m.depth
         split = 0.0 if t.activation_checkpointing == "blocks" else \
-            m.depth * (2 * d if m.kind == "mlp" else m.seq_len * (7 * d + m.heads)) * FLOAT
-    out, unsaved = list(sh.out), sh.unsaved
-    if t.precision == "bf16":
-        saved = [s / 2 for s in saved[:-1]] + [(saved[-1] - sh.loss) / 2 + sh.loss]
-        out = [o / 2 for o in out]
-        split, recompute = split / 2, recompute / 2
-    return dataclasses.replace(sh, saved=saved, out=out, split=split, unsaved=unsaved), recompute
+            m.depth * tokens * (2 * d if m.kind == "mlp" else 7 * d + m.heads) * FLOAT * half
+    return dataclasses.replace(sh, saved=saved, out=out, split=split), recompute
 
 
 def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
@@ -121,7 +133,8 @@ def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
                grads: float | None = None, acts: float | None = None, temps: float = 0.0,
                optimizer: float | None = None) -> dict[str, int]:
         a = samples * sum(sh.saved[i] for i in layers) + sh.fixed if acts is None else acts
-        temps += autocast * p + samples * recompute
+        # The recompute runs in backward, once the head has freed what it saved.
+        temps += autocast * p + samples * max(0.0, recompute - sh.saved[-1])
         return {"params": int(p), "grads": int(p if grads is None else grads),
                 "optimizer": int(state * p if optimizer is None else optimizer),
                 "activations": int(a), "temporaries": int(temps), "other": int(other)}
