@@ -66,6 +66,7 @@ def _checkpointed(forward: Callable, how: str, saved: Callable, x: torch.Tensor)
     saved(x)  # checkpoint keeps the block's input to run it again in backward
     context = functools.partial(_selective, saved) if how == "selective" else None
     kwargs = {"context_fn": context} if context else {}
+    # No RNG state to replay: paralab's blocks have no dropout, so the recompute is exact.
     return checkpoint(forward, x, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
