@@ -77,6 +77,11 @@ def test_accumulation_trains_like_the_whole_batch(mode, devices):
     assert peak_breakdown(events)["activations"] <= whole / 3
 
 
+@pytest.mark.parametrize("mode", ["tensor-parallel", "model-parallel", "data-parallel"])
+def test_accumulation_in_the_other_modes_trains_like_the_whole_batch(mode):
+    assert_same_losses(run(mode, "sim:2", train__grad_accumulation=2), run(), rel=1e-5)
+
+
 def test_accumulation_runs_every_micro_step_forward_and_backward():
     spans = [e for e in run(train__grad_accumulation=4) if isinstance(e, PhaseSpan) and e.clock == "host"]
     step = spans[0].step
@@ -140,8 +145,11 @@ def test_checkpointing_shrinks_activations_and_recomputes_in_backward():
     assert modelled(ckpt, "forward") == pytest.approx(modelled(plain, "forward"), rel=0.25)
 
 
-def test_checkpointing_under_fsdp_trains_like_single():
-    assert_same_losses(run("fsdp", "sim:2", train__activation_checkpointing="blocks"), run(), rel=1e-5)
+@pytest.mark.parametrize("mode", ["fsdp", "tensor-parallel", "pipeline"])
+def test_checkpointing_in_the_multi_process_modes_trains_like_single(mode):
+    """Inside FSDP (gathered again for the recompute), after tensor parallel's split (its
+    all-reduces run again) and in a pipeline stage."""
+    assert_same_losses(run(mode, "sim:2", train__activation_checkpointing="blocks"), run(), rel=1e-5)
 
 
 # ---- bf16 ------------------------------------------------------------------------------------------
