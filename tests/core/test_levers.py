@@ -239,3 +239,17 @@ def test_bf16_runs_on_the_modelled_gpus_bf16_peak():
         return estimate(cfg, method="trace").devices[0].modelled["step_s"]
 
     assert step_s("bf16") < 0.5 * step_s("fp32")
+
+
+@pytest.mark.parametrize("lever", [{"train.activation_checkpointing": "blocks"},
+                                   {"train.activation_checkpointing": "selective"},
+                                   {"train.precision": "bf16"}, {"train.grad_accumulation": 4}],
+                         ids=lambda v: next(iter(v.values())))
+def test_the_formula_follows_each_lever_within_10_percent_of_the_trace(lever):
+    """The checkpointing preset's GPT (no run: the trace is the reference, on fake tensors)."""
+    cfg = RunConfig().with_overrides({"model.kind": "transformer", "model.width": 128, "model.depth": 4,
+                                      "model.heads": 4, "model.seq_len": 64, "model.vocab": 512,
+                                      "train.batch_size": 32, "devices": "sim:1", **lever})
+    both = estimate(cfg)
+    f, t = both.by_method["formula"][0], both.by_method["trace"][0]
+    assert f.peak_bytes == pytest.approx(t.peak_bytes, rel=0.10), (f.bytes, t.bytes)
