@@ -162,13 +162,12 @@ def layout_problems(cfg: RunConfig, n: int) -> list[str]:
 # The modes each lever runs in (the levers' own facts, beside the registry of modes).
 ACCUMULATES = ("single", "data-parallel", "model-parallel", "ddp", "fsdp", "tensor-parallel")
 CHECKPOINTS = ("single", "model-parallel", "ddp", "pipeline", "fsdp", "tensor-parallel")
-BF16 = ("single", "data-parallel", "model-parallel", "ddp", "fsdp", "tensor-parallel")
 ZERO = {1: ("ddp",), 2: ("fsdp",), 3: ("fsdp",)}
 
 
 def lever_problems(cfg: RunConfig, n: int) -> list[str]:
-    """Gradient accumulation, activation checkpointing, bf16, the ZeRO stage and CPU offload
-    against the mode, the model and the batch."""
+    """Gradient accumulation, activation checkpointing, the ZeRO stage and CPU offload against
+    the mode, the model and the batch (bf16 runs in every mode)."""
     out: list[str] = []
     t, p, mode = cfg.train, cfg.placement, cfg.mode
     k = t.grad_accumulation
@@ -192,9 +191,6 @@ def lever_problems(cfg: RunConfig, n: int) -> list[str]:
         elif mode not in CHECKPOINTS:
             out.append(f"{mode} cannot checkpoint activations: its replicas are made anew each step and gone "
                        "before backward could recompute with them; use ddp")
-    if t.precision == "bf16" and mode not in BF16:
-        out.append(f"{mode} runs in fp32 only: its stages agree on the activations' shapes and dtypes before "
-                   "the run; use train.precision=fp32")
     if p.zero and mode not in ZERO.get(p.zero, ()):
         out.append({1: f"placement.zero 1 shards the optimizer state of ddp; {mode} is not ddp "
                        "(fsdp is ZeRO-2 or 3)",
