@@ -22,6 +22,8 @@ MODELS = ("linear", "split-nn", "mlp", "transformer")
 DATASETS = ("auto", "regression", "constant-target", "teacher", "tokens")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("gpipe", "1f1b")
+CHECKPOINTING = ("none", "blocks", "selective")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -132,6 +134,12 @@ class TrainConfig:
     """Pipeline schedule: 'gpipe' (all forwards, then all backwards) or '1f1b' (one forward, one backward)."""
     log_every: int = 1
     """Emit a step event every this many steps (the loss is read back in batches, never with a sync per step)."""
+    grad_accumulation: int = 1
+    """Micro-steps per optimizer step: each runs forward and backward on batch/k samples and the gradients add up, so activations are one micro-step's; must divide each device's share of the batch."""
+    activation_checkpointing: str = "none"
+    """Activation checkpointing: 'none', 'blocks' (each block keeps only its input and runs its forward again in backward) or 'selective' (each block keeps its matmul outputs and recomputes the rest)."""
+    precision: str = "fp32"
+    """Compute precision: 'fp32', or 'bf16' (mixed precision: float32 master weights, gradients and optimizer state; matmuls and activations in bfloat16)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -140,6 +148,14 @@ class PlacementConfig:
     """Model-parallel and pipeline: how many consecutive layers each device holds, e.g. 1,2 (empty: an even split)."""
     reshard_after_forward: bool = True
     """FSDP: free gathered parameters after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like)."""
+    zero: int = 0
+    """ZeRO stage: 0 is the mode's own (ddp replicates everything; fsdp follows reshard_after_forward); 1 shards ddp's optimizer state over the devices (ZeroRedundancyOptimizer); 2 and 3 are fsdp with reshard_after_forward false and true."""
+    cpu_offload: bool = False
+    """FSDP: keep the parameter shards, their gradients and the optimizer state in host memory and step on the CPU (CPUOffloadPolicy); the device holds only what is gathered."""
+
+    def reshards_after_forward(self) -> bool:
+        """FSDP frees the gathered parameters after forward: placement.zero 3, not with 2, else reshard_after_forward."""
+        return {2: False, 3: True}.get(self.zero, self.reshard_after_forward)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Iterable
@@ -77,6 +78,43 @@ def shapes(cfg: RunConfig) -> Shapes:
                   (False,) * n, fixed=t * LONG + FLOAT, loss=t * (v * FLOAT + LONG))
 
 
+def with_levers(cfg: RunConfig, sh: Shapes) -> tuple[Shapes, float]:
+    """The shapes as the levers change them, and the bytes per sample one block recomputes
+    in backward (checkpointing).
+
+    bf16 (autocast): the MLP saves everything in bf16 but the loss's float32 output and
+    target; a transformer block keeps its residual stream (its input and the sum after
+    attention) and LayerNorm's statistics in float32, the other 14 d per token in bf16; the
+    embedding and the head stay float32.  `blocks` keeps only each block's input (counted
+    as the previous layer's output); `selective` keeps its input and every other matmul's
+    output (mlp: fc1, 2w; transformer: q, v, attention's output and the 4d up-projection)."""
+    m, t = cfg.model, cfg.train
+    saved, out, split, recompute = list(sh.saved), list(sh.out), sh.split, 0.0
+    if m.kind not in ("mlp", "transformer"):
+        return sh, 0.0
+    bf16, d, tokens = t.precision == "bf16", m.width, (m.seq_len if m.kind == "transformer" else 1)
+    half = 0.5 if bf16 else 1.0
+    if m.kind == "mlp":
+        block, kept = sh.saved[1] * half, {"blocks": d * FLOAT * half, "selective": 3 * d * FLOAT * half}
+        if bf16:
+            saved[0] *= half
+            saved[-1] = (saved[-1] - sh.loss) * half + sh.loss
+            out = [o * half for o in out]
+            split *= half
+    else:
+        residual = tokens * d * FLOAT  # float32 under autocast: embedding + bf16 promotes
+        block = sh.saved[1] if not bf16 else tokens * (2 * d + 7 * d + 4 + m.heads) * FLOAT
+        kept = {"blocks": residual, "selective": residual + tokens * (7 * d * half + m.heads) * FLOAT}
+        split *= half
+    saved[1:-1] = [block] * m.depth
+    if t.activation_checkpointing in kept:
+        recompute = max(0.0, block - kept[t.activation_checkpointing])
+        saved[1:-1] = [kept[t.activation_checkpointing]] * m.depth
+        split = 0.0 if t.activation_checkpointing == "blocks" else \
+            m.depth * tokens * (2 * d if m.kind == "mlp" else 7 * d + m.heads) * FLOAT * half
+    return dataclasses.replace(sh, saved=saved, out=out, split=split), recompute
+
+
 def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
     """Bytes from shapes: who holds which parameters, and how many samples' activations.
 
@@ -85,32 +123,46 @@ def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
     from .models import split_layers
 
     t, n, mode = cfg.train, len(devices), cfg.mode
-    sh = shapes(cfg)
+    sh, recompute = with_levers(cfg, shapes(cfg))
     state = 2 if t.optimizer in ("adam", "adamw") else 0
-    B, total, everything = t.batch_size, sum(sh.params), range(len(sh.params))
+    # Activations are one micro-batch's (gradient accumulation); B is the micro-batch.
+    B, total, everything = t.batch_size // t.grad_accumulation, sum(sh.params), range(len(sh.params))
+    # bf16 under autocast: a bf16 copy of every weight lives from forward to backward
+    # (a working copy: temporaries), and a checkpointed block recomputes in backward.
+    autocast = 0.5 if t.precision == "bf16" and mode != "fsdp" else 0.0
 
     def device(p: float, samples: float, layers: Iterable[int] = everything, other: float = 0.0,
-               grads: float | None = None, acts: float | None = None, temps: float = 0.0) -> dict[str, int]:
+               grads: float | None = None, acts: float | None = None, temps: float = 0.0,
+               optimizer: float | None = None) -> dict[str, int]:
         a = samples * sum(sh.saved[i] for i in layers) + sh.fixed if acts is None else acts
-        return {"params": int(p), "grads": int(p if grads is None else grads), "optimizer": int(state * p),
+        # The recompute runs in backward, once the head has freed what it saved.
+        temps += autocast * p + samples * max(0.0, recompute - sh.saved[-1])
+        return {"params": int(p), "grads": int(p if grads is None else grads),
+                "optimizer": int(state * p if optimizer is None else optimizer),
                 "activations": int(a), "temporaries": int(temps), "other": int(other)}
 
     per = B / n
-    slices = (B - per) * sh.io  # a rank's slice of the batch is a view: its storage is the whole batch
+    # a rank's slice of the batch is a view: its storage is the whole batch
+    slices = (t.batch_size - t.batch_size / n) * sh.io
     out: list[dict[str, int]] = []
     whole = B * sum(sh.saved) + sh.fixed
     if mode == "single":
         out = [device(total, B, other=B * sh.unsaved)]
     elif mode == "ddp":
         # DDP's buckets: one more flat copy of the gradients.
+        # ZeRO-1 (placement.zero 1): each rank keeps the optimizer state of 1/n of the parameters.
+        opt = state * total / n if cfg.placement.zero == 1 else None
         out = [device(total, per, acts=whole - B * sum(sh.saved) + per * sum(sh.saved) + slices,
-                      other=per * sh.unsaved + total) for _ in devices]
+                      other=per * sh.unsaved + total, optimizer=opt) for _ in devices]
     elif mode == "fsdp":
         shard = _sharded_bytes(cfg, n, lambda name, shape: 0)
         # The layer at work is gathered twice over (the all-gather's buffer and the unsharded
         # parameters); without resharding every layer stays gathered until backward.
-        largest = max(sh.params)
-        gathered = 2 * largest if cfg.placement.reshard_after_forward else total + largest
+        # bf16: FSDP gathers bf16 copies (half the bytes).  Accumulating without gradient sync,
+        # every rank keeps the whole unsharded gradients between micro-steps.
+        largest, half = max(sh.params), 0.5 if t.precision == "bf16" else 1.0
+        gathered = half * (2 * largest if cfg.placement.reshards_after_forward() else total + largest)
+        gathered += total if t.grad_accumulation > 1 else 0
         out = [device(shard[r], per, acts=sh.fixed + per * sum(sh.saved) + slices,
                       other=per * sh.unsaved, temps=gathered) for r in range(n)]
     elif mode == "tensor-parallel":

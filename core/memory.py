@@ -219,6 +219,11 @@ class MemoryLedger:
         if got is not None and got[1] is block:
             del self._live[key]
 
+    def is_params(self, storage: torch.UntypedStorage | None) -> bool:
+        """Whether this storage is counted as a device's parameters now."""
+        got = self._live.get(id(storage)) if storage is not None else None
+        return got is not None and got[1].kind == "params"
+
     def mark_saved(self, t: torch.Tensor) -> None:
         """Autograd saved t for backward: an activation (parameters excepted)."""
         if _is_parameter(t) or (s := storage_of(t)) is None:

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .memory import MemoryLedger
 
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
+_TO_COPY = torch.ops.aten._to_copy.default
 _local = threading.local()
 
 
@@ -79,9 +80,12 @@ class Recorder(TorchDispatchMode):
             return out  # DTensor's shape propagation on its own fake tensors, not the device's work
         ledger.op = func.__name__
         inputs = {id(s) for t in tensors_in((args, kwargs)) if (s := _storage(t)) is not None}
+        # A cast of a parameter (autocast's bf16 copy of a weight) is a working copy of it,
+        # as FSDP's gathered parameters are: temporaries, even when autograd saves it.
+        kind = "temporaries" if func is _TO_COPY and ledger.is_params(_storage(args[0])) else None
         for t in tensors_in(out):
             if (s := _storage(t)) is not None and id(s) not in inputs:
-                ledger.allocated(s)
+                ledger.allocated(s, None, kind)
         if self.on_op is not None:
             self.on_op(func, args, kwargs, out)
         return out

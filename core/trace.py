@@ -307,8 +307,11 @@ class _TracedDDP(nn.Module):
         self._bucket = _Bucket(flat, params)
         places = dict(zip(map(id, params), flat.split([p.numel() for p in params])))
         ready = [0]
+        self._syncing = True
 
         def accumulated(p: Any) -> None:
+            if not self._syncing:  # DDP's no_sync: gradients accumulate, no bucket, no all-reduce
+                return
             places[id(p)].copy_(p.grad.reshape(-1))
             ready[0] += 1
             if ready[0] == len(params) and self._hook is not None:
@@ -323,6 +326,14 @@ class _TracedDDP(nn.Module):
 
     def register_comm_hook(self, state: Any, hook: Any) -> None:
         self._hook = (state, hook)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self._syncing = False
+        try:
+            yield
+        finally:
+            self._syncing = True
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)

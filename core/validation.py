@@ -7,7 +7,17 @@ batch × layers) is checked here once, so no strategy has to.
 from __future__ import annotations
 
 from . import devices
-from .config import DATASETS, MODELS, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig, shown
+from .config import (
+    CHECKPOINTING,
+    DATASETS,
+    MODELS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    ConfigError,
+    RunConfig,
+    shown,
+)
 from .data import data_kind
 from .gpus import gpu_models
 from .models import num_layers, split_layers, tensor_splits
@@ -42,6 +52,13 @@ def problems(cfg: RunConfig, *, resolve_devices: bool = True) -> list[str]:
     need(t.lr <= 100, f"train.lr {t.lr} is far too large to train; try 0.01")
     need(t.micro_batches >= 1, f"train.micro_batches must be at least 1, not {t.micro_batches}")
     need(t.log_every >= 1, f"train.log_every must be at least 1, not {t.log_every}")
+    need(1 <= t.grad_accumulation <= MAX_STEPS,
+         f"train.grad_accumulation must be at least 1 (micro-steps per optimizer step), not {t.grad_accumulation}")
+    need(t.activation_checkpointing in CHECKPOINTING,
+         f"train.activation_checkpointing {shown(t.activation_checkpointing)} is not one of: {', '.join(CHECKPOINTING)}")
+    need(t.precision in PRECISIONS, f"train.precision {shown(t.precision)} is not one of: {', '.join(PRECISIONS)}")
+    need(cfg.placement.zero in (0, 1, 2, 3),
+         f"placement.zero must be 0 (the mode's own), 1, 2 or 3, not {cfg.placement.zero}")
     need(cfg.sim.memory >= 2**20, f"sim.memory {int(cfg.sim.memory)} bytes is too small; give at least 1MiB, e.g. 24GiB")
     if cfg.sim.gpu != "host":
         known = gpu_models()
@@ -153,6 +170,56 @@ def layout_problems(cfg: RunConfig, n: int) -> list[str]:
                        + f"; use train.micro_batches of {stages} or more, or the gpipe schedule")
     if plan.tp > 1:
         out.extend(_tensor_parallel_problems(cfg, plan.tp))
+    out.extend(lever_problems(cfg, n))
+    return out
+
+
+# The modes each lever runs in (the levers' own facts, beside the registry of modes).
+ACCUMULATES = ("single", "data-parallel", "model-parallel", "ddp", "fsdp", "tensor-parallel", "mesh")
+CHECKPOINTS = ("single", "model-parallel", "ddp", "pipeline", "fsdp", "tensor-parallel", "mesh")
+ZERO = {1: ("ddp",), 2: ("fsdp", "mesh"), 3: ("fsdp", "mesh")}
+
+
+def lever_problems(cfg: RunConfig, n: int) -> list[str]:
+    """Gradient accumulation, activation checkpointing, the ZeRO stage and CPU offload against
+    the mode, the model and the batch (bf16 runs in every mode)."""
+    out: list[str] = []
+    t, p, mode = cfg.train, cfg.placement, cfg.mode
+    k = t.grad_accumulation
+    if k > 1:
+        if mode == "pipeline" or (mode == "mesh" and cfg.mesh.pp > 1):
+            out.append("pipeline accumulates gradients over its micro-batches already; "
+                       "raise train.micro_batches instead of train.grad_accumulation")
+        elif mode in ACCUMULATES:
+            per_device = (t.batch_size // n if REGISTRY[mode].batch_evenly
+                          else t.batch_size // Plan.of(cfg, n).batch_ways if mode == "mesh" else t.batch_size)
+            where = f"each device's {per_device} samples" if REGISTRY[mode].batch_evenly else f"batch size {per_device}"
+            if per_device % k:
+                out.append(f"train.grad_accumulation {k} does not divide {where} into equal micro-batches; "
+                           f"use a divisor of {per_device}")
+            elif mode == "data-parallel" and per_device // k < n:
+                out.append(f"micro-batches of {per_device // k} samples leave some of the {n} devices without "
+                           f"samples; use train.grad_accumulation of at most {per_device // n}")
+    if t.activation_checkpointing in CHECKPOINTING[1:]:
+        if cfg.model.kind not in ("mlp", "transformer"):
+            out.append(f"activation checkpointing recomputes blocks, and model {cfg.model.kind} has none; "
+                       "use the mlp or the transformer")
+        elif mode not in CHECKPOINTS:
+            out.append(f"{mode} cannot checkpoint activations: its replicas are made anew each step and gone "
+                       "before backward could recompute with them; use ddp")
+    if p.zero and mode == "mesh" and p.zero in (2, 3) and cfg.mesh.shard == 1:
+        out.append(f"placement.zero {p.zero} chooses how FSDP shards, and this mesh has no shards; "
+                   "set mesh.shard above 1")
+    elif p.zero and mode not in ZERO.get(p.zero, ()):
+        out.append({1: f"placement.zero 1 shards the optimizer state of ddp; {mode} is not ddp "
+                       "(fsdp is ZeRO-2 or 3)",
+                    2: f"placement.zero {p.zero} is fsdp's; {mode} does not shard parameters "
+                       "(ddp with placement.zero 1 shards its optimizer state)",
+                    3: f"placement.zero {p.zero} is fsdp's; {mode} does not shard parameters "
+                       "(ddp with placement.zero 1 shards its optimizer state)"}.get(p.zero, ""))
+    if p.cpu_offload:
+        out.append("placement.cpu_offload is not available yet: a simulated device's memory and the host's "
+                   "are the same CPU memory, so what leaves the device could not be shown truthfully")
     return out
 
 

@@ -40,9 +40,11 @@ from PySide6.QtWidgets import (
 from ..core import devices as core_devices
 from ..core import log, preflight, validation
 from ..core.config import (
+    CHECKPOINTING,
     DATASETS,
     MODELS,
     OPTIMIZERS,
+    PRECISIONS,
     SCHEDULES,
     ConfigError,
     RunConfig,
@@ -69,6 +71,8 @@ FIELD_LABELS = {
     "placement.reshard_after_forward": "Reshard after forward",
     **{f"mesh.{axis}": label for axis, label in (("pp", "Pipeline stages"), ("dp", "Replicas"),
                                                  ("shard", "Shards"), ("tp", "Tensor parallel"))},
+    "train.grad_accumulation": "Gradient accumulation", "train.activation_checkpointing": "Activation checkpointing",
+    "train.precision": "Precision", "placement.zero": "ZeRO stage",
 }
 # Only dotted keys: "mode", "seed" and "devices" are also plain words of the sentences.
 _KEY = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(FIELD_LABELS, key=len, reverse=True)
@@ -182,6 +186,8 @@ class ConfigPanel(QWidget):
                 box.setValue(get_value(cfg, key))
             self._set_combo(self.schedule, t.schedule)
             self._set_combo(self.optimizer, t.optimizer)
+            self._set_combo(self.checkpointing, t.activation_checkpointing)
+            self._set_combo(self.precision, t.precision)
             self.lr.setText(repr(t.lr))
             self.reshard.setChecked(cfg.placement.reshard_after_forward)
             self.title.setText(cfg.name or "")
@@ -287,6 +293,18 @@ class ConfigPanel(QWidget):
         self.reshard.setToolTip(self._docs["placement.reshard_after_forward"])
         self.reshard.toggled.connect(self._changed)
         form.addRow(self.reshard)
+        lay.addWidget(box)
+
+        # Levers: what a person turns to make a model fit
+        box = QGroupBox("Levers")
+        form = QFormLayout(box)
+        form.addRow("Gradient accumulation", self._spin("train.grad_accumulation", 1, 4096))
+        self.checkpointing = self._combo(CHECKPOINTING, "train.activation_checkpointing")
+        form.addRow("Activation checkpointing", self.checkpointing)
+        self.precision = self._combo(PRECISIONS, "train.precision")
+        form.addRow("Precision", self.precision)
+        self.zero_label = QLabel("ZeRO stage")
+        form.addRow(self.zero_label, self._spin("placement.zero", 0, 3))
         lay.addWidget(box)
 
         # Footer: problems and the prediction
@@ -434,6 +452,8 @@ class ConfigPanel(QWidget):
             "data.kind": self.data_kind.currentText(),
             "train.schedule": self.schedule.currentText(),
             "train.optimizer": self.optimizer.currentText(),
+            "train.activation_checkpointing": self.checkpointing.currentText(),
+            "train.precision": self.precision.currentText(),
             "train.lr": self.lr.text(),
             "placement.reshard_after_forward": self.reshard.isChecked(),
         }
@@ -517,10 +537,13 @@ class ConfigPanel(QWidget):
         piped = mode == "pipeline" or (mode == "mesh" and cfg.mesh.pp > 1)
         self._spins["train.micro_batches"].setEnabled(piped)
         self.schedule.setEnabled(piped)
-        self.reshard.setVisible(mode == "fsdp" or (mode == "mesh" and cfg.mesh.shard * cfg.mesh.dp > 1))
+        self.reshard.setVisible(mode == "fsdp" or (mode == "mesh" and cfg.mesh.shard > 1))
         self.mesh_box.setVisible(mode == "mesh")
         if mode == "mesh":
             self.mesh_product.setText(self._mesh_product(cfg))
+        zero = mode in ("ddp", "fsdp") or (mode == "mesh" and cfg.mesh.shard > 1)  # ZeRO-1 ddp, 2 and 3 FSDP
+        self.zero_label.setVisible(zero)
+        self._spins["placement.zero"].setVisible(zero)
         self.sim_count.setEnabled(self.dev_sim.isChecked())
         self.memory.setEnabled(not self.dev_gpu.isChecked())
         self.share_count.setEnabled(self.share.isChecked())

@@ -16,6 +16,8 @@ SUMMARIES = {
     "mlp-tensor-parallel": "Tensor parallel: every weight split over the devices, one all-reduce per block.",
     "transformer-fsdp": "A GPT sharded with FSDP: about 1/N of the model on each device.",
     "transformer-pipeline": "A GPT in 1F1B pipeline stages: the timeline shows the bubble.",
+    "transformer-checkpointing": "Activation checkpointing: blocks keep only their input and recompute in backward.",
+    "transformer-bf16": "bf16 mixed precision in FSDP: half the activation bytes, the same loss curve.",
     "out-of-memory": "Too big on purpose: the out-of-memory names the device and the category.",
     "transformer-fsdp-tp": "A GPT on a 2 × 2 mesh: FSDP shards what tensor parallel splits.",
     "mlp-dp-pp": "Two pipelines side by side: each has its bubble; stage copies all-reduce.",

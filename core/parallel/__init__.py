@@ -8,8 +8,10 @@ sampling, events) is the same for every mode and lives in `core.worker`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -17,6 +19,7 @@ from ..config import RunConfig, TrainConfig
 from ..models import loss_fn, stream_layers
 from ..modes import mode
 from ..strategy import Probe, RankContext, Trainer
+from .levers import autocast, micro_batches, scaled
 
 
 def learned_line(model: torch.nn.Module) -> Callable[[], str] | None:
@@ -38,21 +41,38 @@ def apply(ctx: RankContext) -> Trainer:
 
 
 def standard_step(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, probe: Probe,
-                  device: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                  device: int, x: torch.Tensor, y: torch.Tensor, *,
+                  sync: Callable[[bool], Any] | None = None,
+                  held: Callable[[], list] | None = None) -> torch.Tensor:
     """One training step as the seeds write it, each phase under the probe: forward and
     loss; zero_grad (so last step's gradients live through the forward, as in the seeds);
-    backward; optimizer step."""
-    with probe.phase(device, "forward"):
-        out = model(x)
-        loss = loss_fn(cfg.model, out, y)
-        if probe.active:
-            probe.other(device, x, y, out, loss)
-    with probe.phase(device, "backward"):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    backward; optimizer step.
+
+    With train.grad_accumulation = k the batch runs as k micro-batches, forward and
+    backward each, before the one optimizer step; `sync(last)` is the context a micro-step's
+    backward runs in (DDP's no_sync, FSDP's gradient sync, off but for the last).  `held()`
+    names more tensors of the step as `other` (DDP's buckets).  The loss returned is the
+    batch's: the mean of the micro-batches' (equal sizes)."""
+    k = cfg.train.grad_accumulation
+    bf16 = cfg.train.precision == "bf16"
+    losses = []
+    for j, (xs, ys) in enumerate(micro_batches(cfg, x, y)):
+        with probe.phase(device, "forward"), autocast(cfg, xs.device.type):
+            out = model(xs)
+            loss = loss_fn(cfg.model, out.float() if bf16 else out, ys)
+            if probe.active:
+                probe.other(device, xs, ys, out, loss, *(held() if held else ()))
+        with probe.phase(device, "backward"):
+            if j == 0:
+                optimizer.zero_grad(set_to_none=True)
+            with sync(j == k - 1) if sync else contextlib.nullcontext():
+                scaled(loss, k).backward()
+            if probe.active and held:
+                probe.other(device, xs, ys, out, loss, *held())
+        losses.append(loss.detach() if k > 1 else loss)
     with probe.phase(device, "optimizer"):
         optimizer.step()
-    return loss
+    return losses[0] if k == 1 else torch.stack(losses).mean()
 
 
 def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
@@ -65,11 +85,10 @@ def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     # run does not (the estimate would count it); FSDP and tensor parallel step one
     # parameter at a time, which costs them launches in the modelled optimizer phase.
     foreach = not any(type(p).__name__ == "DTensor" for p in params)
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.lr, foreach=foreach)
-    if train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=train.lr, foreach=foreach)
-    return torch.optim.Adam(params, lr=train.lr, foreach=foreach)
+    return OPTIMIZER_CLASSES[train.optimizer](params, lr=train.lr, foreach=foreach)
+
+
+OPTIMIZER_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def materialise(model: torch.nn.Module, cfg: RunConfig, device: str | torch.device,

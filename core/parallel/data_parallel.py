@@ -27,6 +27,7 @@ from ..data import make_dataset
 from ..models import build_model, loss_fn
 from ..strategy import Trainer
 from . import learned_line, make_optimizer
+from .levers import autocast, micro_batches, scaled
 
 
 def apply_data_parallel(ctx) -> Trainer:
@@ -62,10 +63,21 @@ def _device_by_device(ctx, model: nn.Module, optimizer, data):
     names, params = zip(*model.named_parameters())
 
     def step(i, probe):
+        step_start = perf_counter()
         x, y = data.batch(i, cfg.train.batch_size)
-        start = step_start = perf_counter()
+        k = cfg.train.grad_accumulation
+        losses = [micro(probe, xs, ys, k, j == 0) for j, (xs, ys) in enumerate(micro_batches(cfg, x, y))]
+        b, n = cfg.train.batch_size // k, len(ctx.local_devices)
+        used = -(-b // -(-b // n))  # how many chunks torch.chunk makes: fewer than n when b is small
+        _optimizer_step(probe, ledger, optimizer, first, ctx.local_devices[1:used])
+        _spans(probe, ctx.local_devices[used:], "idle", step_start)  # no samples left for them: they wait all step
+        return losses[0] if k == 1 else torch.stack(losses).mean()
+
+    def micro(probe, x, y, k: int, zero_grad: bool):
+        """One micro-batch: scatter, broadcast, forward, gather, loss, backward, reduce."""
+        start = perf_counter()
         chunks = x.chunk(len(ctx.local_devices))  # may be fewer chunks than devices, as in DataParallel
-        devices, unused = ctx.local_devices[:len(chunks)], ctx.local_devices[len(chunks):]
+        devices = ctx.local_devices[:len(chunks)]
         others = devices[1:]
         chunks = [chunks[0]] + [_copy(probe, c, d) for c, d in zip(chunks[1:], others)]
         _spans(probe, devices, "communication", start)  # scatter
@@ -80,9 +92,9 @@ def _device_by_device(ctx, model: nn.Module, optimizer, data):
         _spans(probe, devices, "communication", start)
 
         outs = []
-        for k, (d, chunk) in enumerate(zip(devices, chunks)):
-            with probe.phase(d.index, "forward"):
-                out = model(chunk) if k == 0 else functional_call(model, dict(zip(names, replicas[k - 1])), (chunk,))
+        for n, (d, chunk) in enumerate(zip(devices, chunks)):
+            with probe.phase(d.index, "forward"), autocast(cfg, d.torch_device.split(":")[0]):
+                out = model(chunk) if n == 0 else functional_call(model, dict(zip(names, replicas[n - 1])), (chunk,))
                 probe.other(d.index, chunk, out.detach())  # detached: the ledger must not keep the graph
             outs.append(out)
 
@@ -93,15 +105,16 @@ def _device_by_device(ctx, model: nn.Module, optimizer, data):
 
         start = perf_counter()
         with probe.phase(first.index, "forward"):
-            loss = loss_fn(cfg.model, gathered, y)
+            loss = loss_fn(cfg.model, gathered.float(), y)
             probe.other(first.index, x, y, outs[0].detach(), gathered.detach(), loss.detach())
         _spans(probe, others, "idle", start)
 
-        optimizer.zero_grad(set_to_none=True)
+        if zero_grad:
+            optimizer.zero_grad(set_to_none=True)
         start = perf_counter()
         with probe.phase(first.index, "backward"):
             # Back through the loss and the gather: each device's share of the output gradient.
-            out_grads = torch.autograd.grad(loss, outs)
+            out_grads = torch.autograd.grad(scaled(loss, k), outs)
         _spans(probe, others, "idle", start)
         for d, out, grad in zip(devices, outs, out_grads):
             with probe.phase(d.index, "backward"):
@@ -118,8 +131,9 @@ def _device_by_device(ctx, model: nn.Module, optimizer, data):
         # The replicas die here, as DataParallel's do after backward: drop all that leads to them.
         loss = loss.detach()
         del replicas, outs, out_grads, out, gathered
-        _optimizer_step(probe, ledger, optimizer, first, others)
-        _spans(probe, unused, "idle", step_start)  # no samples left for them: they wait all step
+        if probe.active:
+            for d in others:
+                ledger.set_params([], d.index)
         return loss
 
     return step
@@ -190,20 +204,25 @@ def _nn_data_parallel(ctx, model: nn.Module, optimizer, data):
     def step(i, probe):
         dp.probe = probe
         x, y = data.batch(i, cfg.train.batch_size)
-        out = dp(x)
-        start = perf_counter()
-        with probe.phase(first.index, "forward"):
-            loss = loss_fn(cfg.model, out, y)
-            probe.other(first.index, x, y, out.detach(), loss.detach())
-        _spans(probe, others, "idle", start)
-        optimizer.zero_grad(set_to_none=True)
-        start = perf_counter()
-        with probe.phase(first.index, "backward"):
-            # Autograd runs every replica's backward on its own GPU, then the reduce onto device 0.
-            loss.backward()
-        _spans(probe, others, "backward", start)
+        k, losses = cfg.train.grad_accumulation, []
+        for j, (xs, ys) in enumerate(micro_batches(cfg, x, y)):
+            with autocast(cfg, "cuda"):  # DataParallel carries autocast into its replicas' threads
+                out = dp(xs)
+            start = perf_counter()
+            with probe.phase(first.index, "forward"):
+                loss = loss_fn(cfg.model, out.float(), ys)
+                probe.other(first.index, xs, ys, out.detach(), loss.detach())
+            _spans(probe, others, "idle", start)
+            if j == 0:
+                optimizer.zero_grad(set_to_none=True)
+            start = perf_counter()
+            with probe.phase(first.index, "backward"):
+                # Autograd runs every replica's backward on its own GPU, then the reduce onto device 0.
+                scaled(loss, k).backward()
+            _spans(probe, others, "backward", start)
+            losses.append(loss.detach())
         _optimizer_step(probe, ledger, optimizer, first, others)
-        return loss.detach()
+        return losses[0] if k == 1 else torch.stack(losses).mean()
 
     return step
 

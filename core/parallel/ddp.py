@@ -10,29 +10,40 @@ each bucket from the moment it is ready to the moment its all-reduce has finishe
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from time import perf_counter
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import make_dataset
-from ..models import build_model, loss_fn
+from ..models import build_model
 from ..strategy import Trainer
-from . import learned_line, make_optimizer
+from . import OPTIMIZER_CLASSES, learned_line, make_optimizer, standard_step
+from .levers import checkpoint_blocks, ledger_saved
 
 
 def apply_ddp(ctx) -> Trainer:
     cfg, device = ctx.cfg, ctx.local_devices[0]
     # Same seed on every rank, so every replica starts identical (DDP checks by broadcasting).
     model = build_model(cfg.model, cfg.seed).to(device.torch_device)
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
     ddp = DistributedDataParallel(model, device_ids=[device.gpu] if device.kind == "cuda" else None)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
-    optimizer = make_optimizer(ddp.parameters(), cfg.train)
+    if cfg.placement.zero == 1:
+        # ZeRO-1: each rank keeps the optimizer state of its share of the parameters only,
+        # steps those, and broadcasts them to the others after the step.
+        optimizer = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=OPTIMIZER_CLASSES[cfg.train.optimizer],
+                                            lr=cfg.train.lr)
+        local = optimizer.optim
+    else:
+        optimizer = local = make_optimizer(ddp.parameters(), cfg.train)
     ctx.ledger.add_params(model.parameters(), device.index)
-    ctx.ledger.add_optimizer(optimizer)
+    ctx.ledger.add_optimizer(local)
     ctx.ledger.checkpoint("setup")
     d, rank = device.index, ctx.rank
     sampled = {"probe": None}
@@ -64,19 +75,13 @@ def apply_ddp(ctx) -> Trainer:
 
     ddp.register_comm_hook(dist.group.WORLD, timed_allreduce)
 
+    def sync(last: bool):  # gradient accumulation: all-reduce only after the last micro-step
+        return contextlib.nullcontext() if last else ddp.no_sync()
+
     def step(i, probe):
         x, y = data.shard(i, cfg.train.batch_size, rank, ctx.world)
         sampled["probe"] = probe if probe.active else None
-        with probe.phase(d, "forward"):
-            out = ddp(x)
-            loss = loss_fn(cfg.model, out, y)
-            probe.other(d, x, y, out, loss, *held())
-        with probe.phase(d, "backward"):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # returns once every bucket's all-reduce is done
-            probe.other(d, x, y, out, loss, *held())
-        with probe.phase(d, "optimizer"):
-            optimizer.step()
-        return loss
+        # backward returns once every bucket's all-reduce is done
+        return standard_step(cfg, ddp, optimizer, probe, d, x, y, sync=sync, held=held)
 
     return Trainer(step, [optimizer], learned_line(model), model=ddp)

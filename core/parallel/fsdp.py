@@ -18,12 +18,13 @@ Communication: every all-gather and reduce-scatter is timed on sampled steps.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from time import perf_counter
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 try:  # FSDP's default collectives, to wrap with a stopwatch (torch >= 2.8; private names)
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
@@ -37,6 +38,7 @@ from ..data import make_dataset
 from ..models import build_model
 from ..strategy import Trainer
 from . import make_optimizer, materialise, standard_step
+from .levers import checkpoint_blocks, ledger_saved
 
 # A Linear on a 3-D input returns a view of its 2-D matmul, so FSDP2 warns that an in-place
 # op on that output would skip its hook; paralab's models never modify a layer's output in
@@ -50,11 +52,18 @@ def apply_fsdp(ctx) -> Trainer:
     # Built on the meta device and sharded there; each rank then materialises its shards
     # only, with single's initial values (a rank never holds the whole model).
     model = build_model(cfg.model, cfg.seed, device="meta")
-    reshard = cfg.placement.reshard_after_forward
+    # Checkpointing inside FSDP, as torchtitan orders them: FSDP gathers a block's
+    # parameters before its forward and again before its backward, which recomputes it.
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    reshard = cfg.placement.reshards_after_forward()  # ZeRO-3, or ZeRO-2 (placement.zero)
+    # bf16: FSDP gathers the parameters in bf16 and computes in bf16; the shards it keeps,
+    # their gradients (reduce-scattered in fp32) and the optimizer state stay fp32.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if cfg.train.precision == "bf16" else MixedPrecisionPolicy()
     # Bottom-up: each layer is a unit, then the root takes whatever is left (nothing here).
     for layer in model:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     materialise(model, cfg, device.torch_device)
     timer = _CommTimer(device)
     if DefaultAllGather is not None and hasattr(model, "set_custom_all_gather"):
@@ -68,10 +77,18 @@ def apply_fsdp(ctx) -> Trainer:
     ctx.ledger.checkpoint("setup")
     d, rank = device.index, ctx.rank
 
+    @contextlib.contextmanager
+    def sync(last: bool):
+        # Gradient accumulation: reduce-scatter only after the last micro-step; until then
+        # every rank accumulates the whole (unsharded) gradients.
+        model.set_requires_gradient_sync(last)
+        yield
+
     def step(i, probe):
         x, y = data.shard(i, cfg.train.batch_size, rank, ctx.world)
         timer.probe = probe if probe.active else None
-        return standard_step(cfg, model, optimizer, probe, d, x, y)
+        return standard_step(cfg, model, optimizer, probe, d, x, y,
+                             sync=sync if cfg.train.grad_accumulation > 1 else None)
 
     return Trainer(step, [optimizer], model=model)
 

@@ -21,9 +21,12 @@ share into micro-batches, and the last stage's ranks report the loss.
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import parallelize_module
 
 from ..data import make_dataset
@@ -32,6 +35,7 @@ from ..plan import AXES, Plan
 from ..strategy import Trainer
 from . import make_optimizer, materialise, standard_step
 from .fsdp import DefaultAllGather, _CommTimer
+from .levers import checkpoint_blocks, ledger_saved
 from .pipeline import pipelined
 from .tensor_parallel import tp_plan
 
@@ -49,6 +53,9 @@ def apply_mesh(ctx) -> Trainer:
     # 2. tensor parallel inside each block
     if plan.tp > 1:
         parallelize_module(model, mesh["tp"], tp_plan(cfg.model, layers))
+    # 2b. activation checkpointing, around the split blocks (their recompute redoes the
+    # tensor-parallel all-reduces), inside the FSDP units
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
     # 4 before 3: FSDP shards the values it is given, so each rank first copies in its own
     # tensor-parallel slice (never the whole layer beyond one at a time)
     materialise(model, cfg, device.torch_device, layers)
@@ -56,13 +63,16 @@ def apply_mesh(ctx) -> Trainer:
     timer = _CommTimer(device)
     if plan.batch_ways > 1:
         dp_mesh = mesh["dp", "shard"] if plan.dp > 1 else mesh["shard"]
-        reshard = cfg.placement.reshard_after_forward
+        reshard = cfg.placement.reshards_after_forward()  # ZeRO-3, or ZeRO-2
+        # bf16: FSDP gathers bf16 copies of the fp32 shards and reduces gradients in fp32.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if cfg.train.precision == "bf16" else MixedPrecisionPolicy()
         for layer in model:
-            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard)
+            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
             if DefaultAllGather is not None and hasattr(layer, "set_custom_all_gather"):
                 layer.set_custom_all_gather(timer.all_gather)
                 layer.set_custom_reduce_scatter(timer.reduce_scatter)
-        fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
 
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     share = plan.batch_index(ctx.rank)
@@ -85,9 +95,16 @@ def apply_mesh(ctx) -> Trainer:
     ctx.ledger.add_optimizer(optimizer)
     ctx.ledger.checkpoint("setup")
 
+    @contextlib.contextmanager
+    def sync(last: bool):
+        # Gradient accumulation: reduce only after the last micro-step.
+        model.set_requires_gradient_sync(last)
+        yield
+
     def step(i, probe):
         x, y = batch_of(i)
         timer.probe = probe if probe.active else None
-        return standard_step(cfg, model, optimizer, probe, device.index, x, y)
+        return standard_step(cfg, model, optimizer, probe, device.index, x, y,
+                             sync=sync if plan.batch_ways > 1 else None)
 
     return Trainer(step, [optimizer], model=model)

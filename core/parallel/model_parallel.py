@@ -15,10 +15,13 @@ from __future__ import annotations
 
 from time import perf_counter
 
+import torch
+
 from ..data import Dataset, make_dataset
 from ..models import build_model, loss_fn, split_layers
 from ..strategy import Trainer
 from . import learned_line, make_optimizer
+from .levers import autocast, checkpoint_blocks, ledger_saved, micro_batches, scaled
 
 
 def apply_model_parallel(ctx) -> Trainer:
@@ -27,6 +30,7 @@ def apply_model_parallel(ctx) -> Trainer:
     model = build_model(cfg.model, cfg.seed)
     ranges = split_layers(len(model), len(devices), cfg.placement.split)
     parts = [model[r.start:r.stop].to(d.torch_device) for r, d in zip(ranges, devices)]
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
     whole = make_dataset(cfg.data, cfg.model, cfg.seed)
     data = Dataset(whole.inputs.to(first.torch_device), whole.targets.to(last.torch_device))
     # The seed's one optimizer, held as one per device: each device updates its own layers,
@@ -48,40 +52,11 @@ def apply_model_parallel(ctx) -> Trainer:
                 busy[device.index].append((start, end))
                 probe.span(device.index, "communication", start, end)
 
-        inputs, outputs = [x], []
-        for k, (part, d) in enumerate(zip(parts, devices)):
-            if k:
-                start = perf_counter()
-                with probe.at(d.index, "communication"):
-                    inputs.append(outputs[-1].detach().to(d.torch_device, copy=True).requires_grad_())
-                sent(devices[k - 1], d, start)
-            start = perf_counter()
-            with probe.phase(d.index, "forward"):
-                out = part(inputs[k])
-                if d is last:
-                    loss = loss_fn(cfg.model, out, y)
-                    probe.other(d.index, inputs[k].detach(), y, out.detach(), loss.detach())
-                else:
-                    probe.other(d.index, inputs[k].detach(), out.detach())
-            busy[d.index].append((start, perf_counter()))
-            outputs.append(out)
-
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        for k in reversed(range(len(parts))):
-            d = devices[k]
-            if d is not last:
-                start = perf_counter()
-                with probe.at(d.index, "communication"):
-                    grad = inputs[k + 1].grad.to(d.torch_device, copy=True)
-                sent(devices[k + 1], d, start)
-            start = perf_counter()
-            with probe.phase(d.index, "backward"):
-                if d is last:
-                    loss.backward()
-                else:
-                    outputs[k].backward(grad)
-            busy[d.index].append((start, perf_counter()))
+        k, losses = cfg.train.grad_accumulation, []
+        for j, (xs, ys) in enumerate(micro_batches(cfg, x, y)):
+            loss = _micro_step(cfg, parts, devices, probe, sent, busy, xs, ys, k,
+                               zero_grad=optimizers if j == 0 else [])
+            losses.append(loss)
 
         for optimizer, d in zip(optimizers, devices):
             start = perf_counter()
@@ -90,9 +65,50 @@ def apply_model_parallel(ctx) -> Trainer:
             busy[d.index].append((start, perf_counter()))
         if probe.active:
             _idle(probe, busy)
-        return loss.detach()
+        return losses[0] if k == 1 else torch.stack(losses).mean()
 
     return Trainer(step, optimizers, learned_line(model))
+
+
+def _micro_step(cfg, parts, devices, probe, sent, busy, x, y, k: int, zero_grad) -> torch.Tensor:
+    """Forward through the devices one after the other, then backward the same way back;
+    gradients add up over the micro-batches (the loss divided by k)."""
+    last = devices[-1]
+    inputs, outputs = [x], []
+    for n, (part, d) in enumerate(zip(parts, devices)):
+        if n:
+            start = perf_counter()
+            with probe.at(d.index, "communication"):
+                inputs.append(outputs[-1].detach().to(d.torch_device, copy=True).requires_grad_())
+            sent(devices[n - 1], d, start)
+        start = perf_counter()
+        with probe.phase(d.index, "forward"), autocast(cfg, d.torch_device.split(":")[0]):
+            out = part(inputs[n])
+            if d is last:
+                loss = loss_fn(cfg.model, out.float(), y)
+                probe.other(d.index, inputs[n].detach(), y, out.detach(), loss.detach())
+            else:
+                probe.other(d.index, inputs[n].detach(), out.detach())
+        busy[d.index].append((start, perf_counter()))
+        outputs.append(out)
+
+    for optimizer in zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+    for n in reversed(range(len(parts))):
+        d = devices[n]
+        if d is not last:
+            start = perf_counter()
+            with probe.at(d.index, "communication"):
+                grad = inputs[n + 1].grad.to(d.torch_device, copy=True)
+            sent(devices[n + 1], d, start)
+        start = perf_counter()
+        with probe.phase(d.index, "backward"):
+            if d is last:
+                scaled(loss, k).backward()
+            else:
+                outputs[n].backward(grad)
+        busy[d.index].append((start, perf_counter()))
+    return loss.detach()
 
 
 def _idle(probe, busy: dict[int, list[tuple[float, float]]]) -> None:

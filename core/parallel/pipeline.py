@@ -19,12 +19,15 @@ from time import perf_counter
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._guards import active_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from ..data import make_dataset
 from ..models import build_model, loss_fn, num_layers, split_layers, stream_layers
 from ..strategy import Trainer
 from . import make_optimizer
+from .levers import autocast, checkpoint_blocks, ledger_saved
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -81,6 +84,7 @@ def apply_pipeline(ctx) -> Trainer:
     # draw the same values as build_model): a rank never holds the whole model.
     submod = nn.Sequential(*(layer for j, layer in stream_layers(cfg.model, cfg.seed) if j in layers))
     submod = submod.to(device.torch_device)
+    checkpoint_blocks(submod, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     return pipelined(ctx, submod, layers, rank, world, None, lambda i: data.batch(i, batch_size), data)
 
@@ -92,14 +96,15 @@ def pipelined(ctx, submod: nn.Module, layers: range, stage_index: int, stages: i
     talking to its neighbour stages over `group` (None: the default group)."""
     cfg, device = ctx.cfg, ctx.local_devices[0]
     d, m = device.index, cfg.train.micro_batches
-    example_in, example_out = _example_io(cfg, data, layers, batch_of(1)[0].shape[0] // m)
+    device_type = device.torch_device.split(":")[0]
+    example_in, example_out = _example_io(cfg, data, layers, batch_of(1)[0].shape[0] // m, device_type)
     stage = _TimedStage(submod, stage_index, stages, torch.device(device.torch_device),
                         input_args=example_in, output_args=example_out, group=group,
                         ledger=ctx.ledger, device_index=d)
     first, last = stage_index == 0, stage_index == stages - 1
 
     def stage_loss(out, y):
-        loss = loss_fn(cfg.model, out, y)
+        loss = loss_fn(cfg.model, out.float(), y)  # float32 loss under bf16, as the other modes
         if stage.probe.active and stage.compute:
             # The loss is part of the last stage's forward.
             stage.compute[-1][2] = stage.compute[-1][3] = perf_counter()
@@ -121,7 +126,8 @@ def pipelined(ctx, submod: nn.Module, layers: range, stage_index: int, stages: i
         optimizer.zero_grad(set_to_none=True)
         start = perf_counter()
         recording = ctx.ledger.recording(d) if probe.active else contextlib.nullcontext()
-        with recording:  # activations of every micro-batch in flight count on this device
+        # activations of every micro-batch in flight count on this device
+        with recording, autocast(cfg, device_type):
             schedule.step(*([x] if first else []), **({"target": y, "losses": losses} if last else {}),
                           return_outputs=False)
         end = perf_counter()
@@ -137,11 +143,22 @@ def pipelined(ctx, submod: nn.Module, layers: range, stage_index: int, stages: i
     return Trainer(step, [optimizer])
 
 
-def _example_io(cfg, data, layers: range, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _example_io(cfg, data, layers: range, micro: int, device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """This stage's input and output for one micro-batch, as meta tensors: the shapes,
-    dtypes and requires_grad the stage sends and receives, found without computing."""
-    model = build_model(cfg.model, cfg.seed, device="meta")
-    x = torch.empty_like(data.batch(1, micro)[0], device="meta")
+    dtypes and requires_grad the stage sends and receives, found without computing.  In
+    bf16 the dtypes are autocast's (an MLP sends bf16, a transformer's residual stream
+    stays float32): found on fake tensors, which autocast casts as it would real ones."""
+    if cfg.train.precision == "bf16":
+        fake = contextlib.nullcontext() if active_fake_mode() else FakeTensorMode(allow_non_fake_inputs=True)
+        with fake, autocast(cfg, device_type):
+            stage_in, stage_out = _flow(build_model(cfg.model, cfg.seed, device=device_type), data, layers, micro)
+        return tuple(torch.empty(t.shape, dtype=t.dtype, device="meta").requires_grad_(t.requires_grad)
+                     for t in (stage_in, stage_out))
+    return _flow(build_model(cfg.model, cfg.seed, device="meta"), data, layers, micro)
+
+
+def _flow(model: nn.Module, data, layers: range, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.empty_like(data.batch(1, micro)[0], device=next(model.parameters()).device)
     for j in range(layers.start):
         x = model[j](x)
     stage_in = x

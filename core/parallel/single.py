@@ -7,11 +7,13 @@ from ..data import make_dataset
 from ..models import build_model
 from ..strategy import Trainer
 from . import learned_line, make_optimizer, standard_step
+from .levers import checkpoint_blocks, ledger_saved
 
 
 def apply_single(ctx) -> Trainer:
     cfg, device = ctx.cfg, ctx.local_devices[0]
     model = build_model(cfg.model, cfg.seed).to(device.torch_device)
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     optimizer = make_optimizer(model.parameters(), cfg.train)
     ctx.ledger.add_params(model.parameters(), device.index)

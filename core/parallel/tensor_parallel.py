@@ -30,6 +30,7 @@ from ..data import make_dataset
 from ..models import build_model, tensor_splits
 from ..strategy import Trainer
 from . import make_optimizer, materialise, standard_step
+from .levers import checkpoint_blocks, ledger_saved
 
 
 def tp_plan(cfg: ModelConfig, layers: range) -> dict[str, ParallelStyle]:
@@ -53,6 +54,9 @@ def apply_tensor_parallel(ctx) -> Trainer:
     mesh = init_device_mesh("cuda" if device.kind == "cuda" else "cpu", (ctx.world,))
     model = build_model(cfg.model, cfg.seed, device="meta")  # sharded on meta, then materialised
     parallelize_module(model, mesh, tp_plan(cfg.model, range(len(model))))
+    # After the split, as torchtitan orders them: a checkpointed block recomputes its
+    # sharded matmuls and their all-reduces in backward.
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
     materialise(model, cfg, device.torch_device)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     optimizer = make_optimizer(model.parameters(), cfg.train)
