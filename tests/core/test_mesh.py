@@ -124,3 +124,21 @@ def test_hsdp_shards_within_a_replica_and_dp_pp_holds_a_stage():
         held = stage[Plan(dp=2, pp=2).coordinate(device)["pp"]]
         # A stage's peak comes in forward, before this step's gradients exist (zero_grad runs first).
         assert sample.bytes["params"] == held and sample.bytes["grads"] in (0, held)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lever,tolerance", [({"train.activation_checkpointing": "blocks"}, 1e-4),
+                                             ({"train.grad_accumulation": 2}, 1e-4),
+                                             ({"placement.zero": 2}, 1e-4),
+                                             ({"train.precision": "bf16"}, 0.02)])  # test_levers: bf16's drift
+def test_the_levers_work_on_a_mesh(lever, tolerance):
+    """FSDP × TP with each lever: the loss as single's (fp32 ones exactly, bf16 within the
+    2% test_levers justifies), and the trace within 5% of each device's peak."""
+    reference = losses(run_events(RunConfig().with_overrides({**MLP, "mode": "single", "devices": "sim:1",
+                                                              "train.steps": 6})))
+    cfg = cfg_of({**MLP, "train.steps": 6, **lever}, shard=2, tp=2)
+    events = run_events(cfg)
+    assert ended(events).status == "ok", ended(events).message
+    assert losses(events) == pytest.approx(reference, rel=tolerance)
+    for row in compare(estimate(cfg, "trace"), events):
+        assert abs(row["trace_error_pct"]) < 5, row
