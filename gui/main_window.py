@@ -42,6 +42,7 @@ from .config_panel import ConfigPanel
 from .controller import RunController
 from .dashboard import Dashboard, rate_text
 from .mesh_grid import preview_plan
+from .lessons import LessonMode
 from .recordings import Recordings
 from .replay import Replay, ReplayBar
 from .welcome import Welcome
@@ -132,6 +133,7 @@ class MainWindow(Recordings, QMainWindow):
         self._build_center()
         self._build_actions()
         self._build_status()
+        self.lessons = LessonMode(self)
 
         self.panel.config_changed.connect(self._on_config_changed)
         self.panel.estimate_ready.connect(self._on_estimate)
@@ -143,6 +145,7 @@ class MainWindow(Recordings, QMainWindow):
         c.finished.connect(self._on_finished)
 
         self._restore(cfg)
+        self.lessons.dock.hide()  # restoreState brings back the dock of a lesson left open at quit
         self._update_actions()
 
     # ---- layout ----------------------------------------------------------------------------
@@ -439,6 +442,7 @@ class MainWindow(Recordings, QMainWindow):
         self.open_action.setEnabled(not busy)
         self.open_run_action.setEnabled(not busy)
         self.open_session_action.setEnabled(not busy)
+        self.lessons.set_busy(busy)
 
     # ---- controller signals ----------------------------------------------------------------
 
