@@ -252,7 +252,8 @@ class LessonMode(QObject):
             spot.deleteLater()
         self._spots = []
         d = self.window.dashboard
-        targets = {"gauges": (d.devices, None), "timeline": (d.timeline_scroll, None),
+        # The gauges, not their legend below: an outline drawn across it hid the words.
+        targets = {"gauges": (d.devices.scroll, None), "timeline": (d.timeline_scroll, None),
                    "memory": (d.mem_pages, None), "loss": (d.plots, d.loss_plot),
                    "rate": (d.plots, d.rate_plot), "utilization": (d.plots, d.util_plot)}
         if look in targets:

@@ -30,7 +30,7 @@ def test_a_lesson_walks_from_start_to_end(window, qtbot):
         for key in lessons.CONTROLS:
             expected = key not in step.hidden and step.config.mode in MODE_BOUND.get(key, (step.config.mode,))
             assert shown(window, key) == expected, (i, key)
-        outlined = {"timeline": window.dashboard.timeline_scroll, "gauges": window.dashboard.devices}[step.look]
+        outlined = {"timeline": window.dashboard.timeline_scroll, "gauges": window.dashboard.devices.scroll}[step.look]
         assert [s.parentWidget() for s in mode._spots] == [outlined]
         assert window.dashboard.devices._highlight == step.device
         assert not panel.answer.isVisible()
