@@ -266,12 +266,13 @@ def _paragraphs(text: str) -> str:
 
 
 def _look_text(step: Step) -> str:
-    parts = []
-    if step.look:
-        parts.append(f"{VIEW_WORDS[step.look]} (outlined)")
-    if step.device is not None:
-        labels = _labels(step)
-        parts.append(f"device {labels[step.device] if step.device < len(labels) else step.device}'s gauge")
+    labels = _labels(step)
+    device = "" if step.device is None else (labels[step.device] if step.device < len(labels) else str(step.device))
+    if step.look == "gauges" and device:
+        return f"<b>Look at:</b> {device}'s memory gauge (outlined)"
+    parts = [f"{VIEW_WORDS[step.look]} (outlined)"] if step.look else []
+    if device:
+        parts.append(f"{device}'s memory gauge")
     return "<b>Look at:</b> " + ", and ".join(parts)
 
 
