@@ -197,6 +197,7 @@ class LessonMode(QObject):
         self.dock.hide()
         self._spots: list[Spotlight] = []
         self._build_menu()
+        window.welcome.lesson_chosen.connect(self.open)
 
     def _build_menu(self) -> None:
         self.menu = self.window.menuBar().addMenu("&Lessons")

@@ -71,3 +71,11 @@ def test_a_broken_lesson_becomes_the_banner(window, monkeypatch):
     assert not window.lessons.open("pipeline-bubble")
     assert "Bad lesson: lesson 'pipeline-bubble', step 2" in window.banner.text()
     assert not window.lessons.dock.isVisible()
+
+
+def test_the_welcome_screen_offers_the_lessons(window, qtbot):
+    assert window.pages.currentWidget() is window.welcome
+    assert list(window.welcome.lesson_buttons) == lessons.names()
+    qtbot.mouseClick(window.welcome.lesson_buttons["model-parallel-idle-device"], Qt.MouseButton.LeftButton)
+    assert window.lessons.dock.isVisible() and window.pages.currentWidget() is window.dashboard
+    assert window.panel.config().mode == "model-parallel"
