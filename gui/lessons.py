@@ -126,10 +126,10 @@ class LessonPanel(QWidget):
     def step(self) -> Step | None:
         return self.lesson.steps[self.index] if self.lesson else None
 
-    def open(self, lesson: Lesson) -> None:
+    def open(self, lesson: Lesson, step: int = 0) -> None:
         self.lesson = lesson
         self.title.setText(f"<b>{html.escape(lesson.title)}</b>")
-        self.go(0)
+        self.go(step)
 
     def go(self, index: int) -> None:
         assert self.lesson is not None
@@ -214,8 +214,8 @@ class LessonMode(QObject):
     def active(self) -> bool:
         return self.panel.lesson is not None
 
-    def open(self, lesson: str | Lesson) -> bool:
-        """Start a lesson at its first step; a broken lesson file becomes the banner's sentence."""
+    def open(self, lesson: str | Lesson, step: int = 0) -> bool:
+        """Start a lesson at a step (0: its first); a broken lesson file becomes the banner's sentence."""
         try:
             chosen = lessons.load(lesson) if isinstance(lesson, str) else lesson
         except ConfigError as e:
@@ -224,10 +224,15 @@ class LessonMode(QObject):
         self.dock.show()
         self.dock.raise_()
         self.leave_action.setEnabled(True)
-        self.panel.open(chosen)
+        self.panel.open(chosen, step)
         return True
 
+    def position(self) -> tuple[str, int] | None:
+        """(lesson name, step index) while a lesson is open: what a saved session would keep."""
+        return (self.panel.lesson.name, self.panel.index) if self.panel.lesson else None
+
     def leave(self) -> None:
+        """Back to the free form: every control shown, nothing outlined, the dock closed."""
         self.panel.lesson = None
         self.window.panel.set_hidden(frozenset())
         self._spotlight("", None)

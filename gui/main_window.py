@@ -415,6 +415,7 @@ class MainWindow(Recordings, QMainWindow):
             self.statusBar().showMessage(f"learning rate set to {value:.6g}", 3000)
 
     def load_preset(self, name: str) -> None:
+        self.lessons.leave()  # the form no longer holds the lesson's step
         try:
             self.panel.set_config(presets.load(name))
         except ConfigError as e:

@@ -79,3 +79,12 @@ def test_the_welcome_screen_offers_the_lessons(window, qtbot):
     qtbot.mouseClick(window.welcome.lesson_buttons["model-parallel-idle-device"], Qt.MouseButton.LeftButton)
     assert window.lessons.dock.isVisible() and window.pages.currentWidget() is window.dashboard
     assert window.panel.config().mode == "model-parallel"
+
+
+def test_a_preset_leaves_the_lesson_and_a_lesson_opens_at_a_step(window):
+    mode = window.lessons
+    assert mode.open("out-of-memory-ways-out", step=2)
+    assert mode.position() == ("out-of-memory-ways-out", 2) and window.panel.config().mode == "fsdp"
+    window.load_preset("mlp-ddp")
+    assert mode.position() is None and not mode.dock.isVisible()
+    assert shown(window, "model.kind") and window.panel.config().mode == "ddp"
