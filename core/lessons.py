@@ -66,7 +66,8 @@ def catalog() -> list[tuple[str, str, str]]:
     for f in resources.files(PACKAGE).iterdir():
         if f.name.endswith(".toml"):
             data = _read(f.name[:-5])
-            found.append((int(data.get("order", 999)), f.name[:-5], str(data.get("title", "")),
+            order = data.get("order", 999)
+            found.append((order if isinstance(order, int) else 999, f.name[:-5], str(data.get("title", "")),
                           str(data.get("summary", ""))))
     return [(name, title, summary) for _, name, title, summary in sorted(found)]
 
@@ -85,6 +86,8 @@ def load(name: str) -> Lesson:
 def parse(data: dict[str, Any], name: str) -> Lesson:
     where = f"lesson {name!r}"
     _no_unknown(data, LESSON_KEYS, where)
+    if not isinstance(data.get("order", 0), int) or not isinstance(data.get("title", ""), str):
+        raise ConfigError(f"{where}: order must be a whole number and title text")
     steps = data.get("steps")
     if not isinstance(steps, list) or not steps:
         raise ConfigError(f"{where} has no steps; add [[steps]] tables")
