@@ -18,7 +18,7 @@ from typing import Any
 
 import tomllib
 
-from . import devices, presets
+from . import devices, presets, validation
 from .config import ConfigError, RunConfig, shown
 
 PACKAGE = "paralab.resources.lessons"
@@ -28,7 +28,7 @@ CONTROLS = (
     "mode", "devices", "sim.memory", "model.kind", "model.width", "model.depth", "model.heads",
     "model.seq_len", "model.vocab", "data.kind", "train.batch_size", "train.micro_batches",
     "train.schedule", "train.optimizer", "train.lr", "train.steps", "seed", "placement.split",
-    "placement.reshard_after_forward",
+    "placement.reshard_after_forward", "mesh.pp", "mesh.dp", "mesh.shard", "mesh.tp",
 )
 """The settings the form has a field for (gui/config_panel.py); a step shows or hides these."""
 OUTCOMES = ("ok", "oom")
@@ -123,7 +123,7 @@ def _step(raw: Any, previous: RunConfig | None, title: str) -> Step:
         base = previous
     # The lesson's text replaces the preset's: the form must not tell another story.
     cfg = replace(base.with_overrides(_dotted(raw.get("set", {}))), name=title, description="")
-    problems = cfg.validate()
+    problems = validation.problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
     step = Step(text=_text(raw, "text", required=True), config=cfg, hidden=_hidden(raw),

@@ -41,8 +41,8 @@ from .compare_dialog import CompareDialog, SessionRun
 from .config_panel import ConfigPanel
 from .controller import RunController
 from .dashboard import Dashboard, rate_text
-from .mesh_grid import preview_plan
 from .lessons import LessonMode
+from .mesh_grid import preview_plan
 from .recordings import Recordings
 from .replay import Replay, ReplayBar
 from .welcome import Welcome

@@ -5,7 +5,7 @@ claims the lessons make about memory hold in a real run."""
 from dataclasses import replace
 
 import pytest
-from paralab.core import lessons
+from paralab.core import lessons, validation
 from paralab.core.config import ConfigError
 from paralab.core.events import MemorySample
 
@@ -57,7 +57,7 @@ def test_at_least_six_lessons_each_with_valid_steps():
         lesson = lessons.load(name)
         assert lesson.title and lesson.summary and lesson.steps
         for step in lesson.steps:
-            assert step.config.validate() == []
+            assert validation.problems(step.config) == []
             assert step.text and step.question and step.answer
             assert step.hidden <= set(lessons.CONTROLS)
 
