@@ -38,7 +38,9 @@ def events_of(cfg):
 
 def step_events(name: str, number: int) -> list:
     step = lessons.load(name).steps[number - 1]
-    return events_of(replace(step.config, name="").with_overrides({"train.steps": STEPS}))
+    events = events_of(replace(step.config, name="").with_overrides({"train.steps": STEPS}))
+    assert ended(events).status == step.expect, (name, number, ended(events))
+    return events
 
 
 def peaks(events: list) -> dict[int, MemorySample]:
@@ -85,7 +87,9 @@ def test_data_parallel_first_device_holds_more_and_ddp_balances(no_leftover_rank
     assert dp[0].peak_bytes > 4 * dp[1].peak_bytes
     assert dp[1].bytes["optimizer"] == 0 < dp[0].bytes["optimizer"]
     ddp = peaks(step_events("data-parallel-first-device", 4))
-    assert ddp[0].peak_bytes == ddp[1].peak_bytes < dp[0].peak_bytes
+    # Each rank samples its own steps: equal up to a few bytes of whatever was alive then.
+    assert ddp[0].peak_bytes == pytest.approx(ddp[1].peak_bytes, rel=0.01)
+    assert ddp[0].peak_bytes < dp[0].peak_bytes
 
 
 @pytest.mark.slow
