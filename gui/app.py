@@ -1,4 +1,4 @@
-"""The desktop app: `paralab gui [--preset NAME | --config FILE] [--start]`.
+"""The desktop app: `paralab gui [--preset NAME | --config FILE | --lesson NAME] [--start]`.
 
 SIGINT and SIGTERM close the window the way the close button does: the run is stopped,
 every rank ends, then the app quits with 128 + the signal number.  Python runs signal
