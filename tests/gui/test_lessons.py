@@ -88,3 +88,12 @@ def test_a_preset_leaves_the_lesson_and_a_lesson_opens_at_a_step(window):
     window.load_preset("mlp-ddp")
     assert mode.position() is None and not mode.dock.isVisible()
     assert shown(window, "model.kind") and window.panel.config().mode == "ddp"
+
+
+def test_gui_lesson_argument_is_checked_before_any_window(capsys):
+    from paralab.gui import entry
+
+    assert entry.main(["gui", "--lesson", "nope"]) == 2
+    assert "there is no lesson 'nope'; lessons: data-parallel-first-device" in capsys.readouterr().err
+    assert entry.main(["gui", "--lesson", "pipeline-bubble", "--preset", "mlp-ddp"]) == 2
+    assert "--lesson brings its own settings" in capsys.readouterr().err
