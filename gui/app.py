@@ -1,4 +1,4 @@
-"""The desktop app: `paralab gui [--preset NAME | --config FILE] [--start]`.
+"""The desktop app: `paralab gui [--preset NAME | --config FILE | --lesson NAME] [--start]`.
 
 SIGINT and SIGTERM close the window the way the close button does: the run is stopped,
 every rank ends, then the app quits with 128 + the signal number.  Python runs signal
@@ -15,14 +15,16 @@ from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication
 
 from ..core.config import RunConfig
+from ..core.lessons import Lesson
 from ..core.run import prewarm
 from .main_window import MainWindow
 
 
 def main(cfg: RunConfig | None = None, start: bool = False, replay: tuple[list, float, str] | None = None,
-         session: str | None = None) -> int:
+         session: str | None = None, lesson: Lesson | None = None) -> int:
     """Open the app; `replay` = (events, speed, name) plays a recording at once, `session`
-    opens a session file (its settings, and its recorded run when it has one)."""
+    opens a session file (its settings, and its recorded run when it has one), `lesson`
+    opens a lesson at its first step."""
     from .syscheck import report
 
     problem = report()  # Qt's own message for a missing X11 library names the wrong one
@@ -37,6 +39,8 @@ def main(cfg: RunConfig | None = None, start: bool = False, replay: tuple[list, 
     app.setApplicationName("paralab")
     window = MainWindow(cfg)
     window.show()
+    if lesson is not None:
+        window.lessons.open(lesson)  # its first step's settings, before --start runs them
     if start:
         QTimer.singleShot(0, window.start_run)
     if session is not None:

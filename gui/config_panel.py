@@ -126,6 +126,8 @@ class ConfigPanel(QWidget):
         self._loading = False
         self._docs = field_docs()
         self._fields: dict[str, QWidget] = {}
+        self._hidden: frozenset[str] = frozenset()
+        """Settings a lesson step hides (their values still count)."""
         self._gpus = core_devices.list_gpus()
         self.estimate: Any = None
         self._generation = 0
@@ -169,6 +171,36 @@ class ConfigPanel(QWidget):
             if not box.minimum() <= value <= box.maximum():
                 return f"{key} {shown(value)} is outside {box.minimum()}..{box.maximum()}"
         return ""
+
+    def set_hidden(self, keys: frozenset[str] | set[str]) -> None:
+        """Hide the fields of these settings (a lesson shows only what its step is about);
+        a group whose settings are all hidden goes too.  An empty set shows them all."""
+        self._hidden = frozenset(keys)
+        for key in FIELD_LABELS:
+            for widget in self.control_widgets(key):
+                widget.setVisible(key not in self._hidden)
+        for box, keys_in_box in self._boxes.items():
+            box.setVisible(not all(k in self._hidden for k in keys_in_box))
+        self._refresh(self._config or self._base)  # the fields that only some modes show
+
+    def control_widgets(self, key: str) -> list[QWidget]:
+        """The widgets that show one setting: its field and the label beside it."""
+        if key == "devices":
+            widgets = list(self._device_widgets)
+        elif key == "placement.split":
+            widgets = [self.placement_box]
+        elif key == "placement.reshard_after_forward":
+            widgets = [self.reshard]
+        else:
+            widgets = [self._fields[key]]
+        for form in self.findChildren(QFormLayout):
+            for w in list(widgets):
+                label = form.labelForField(w)
+                if label is not None:
+                    widgets.append(label)
+        if key == "mode":
+            widgets.append(self.mode_notes)
+        return widgets
 
     def set_config(self, cfg: RunConfig) -> None:
         """Show cfg in the form (presets, files, the remembered config)."""
@@ -234,8 +266,11 @@ class ConfigPanel(QWidget):
         form.addWidget(self.mode)
         form.addWidget(self.mode_notes)
         lay.addWidget(box)
+        self._boxes = {box: ("mode",)}
 
-        lay.addWidget(self._build_devices())
+        devices_box = self._build_devices()
+        lay.addWidget(devices_box)
+        self._boxes[devices_box] = ("devices", "sim.memory")
 
         # Degrees per mesh axis (mode=mesh), outermost first, with their product inline
         self.mesh_box = QGroupBox("Devices per mesh axis")
@@ -275,6 +310,8 @@ class ConfigPanel(QWidget):
             form.addRow(label, self._spin(key, lo, hi))
         form.addRow("Data", self.data_kind)
         lay.addWidget(box)
+        self._boxes[box] = ("model.kind", "model.width", "model.depth", "model.heads", "model.seq_len",
+                            "model.vocab", "data.kind")
 
         # Training
         box = QGroupBox("Training")
@@ -294,6 +331,9 @@ class ConfigPanel(QWidget):
         self.reshard.toggled.connect(self._changed)
         form.addRow(self.reshard)
         lay.addWidget(box)
+        self._boxes[box] = ("train.batch_size", "train.micro_batches", "train.schedule", "train.optimizer",
+                            "train.lr", "train.steps", "seed", "placement.reshard_after_forward")
+        self._boxes[self.placement_box] = ("placement.split",)
 
         # Levers: what a person turns to make a model fit
         box = QGroupBox("Levers")
@@ -370,6 +410,8 @@ class ConfigPanel(QWidget):
         share.addStretch(1)
         g.addLayout(share)
         v.addWidget(gpu_box)
+        # Without a GPU its box stays hidden: showing the devices again must not bring it back.
+        self._device_widgets = [self.dev_auto, self.dev_sim, self.dev_gpu, self.sim_count] + ([gpu_box] if self._gpus else [])
         if not self._gpus:
             from ..core import nvml
 
@@ -537,18 +579,20 @@ class ConfigPanel(QWidget):
         piped = mode == "pipeline" or (mode == "mesh" and cfg.mesh.pp > 1)
         self._spins["train.micro_batches"].setEnabled(piped)
         self.schedule.setEnabled(piped)
-        self.reshard.setVisible(mode == "fsdp" or (mode == "mesh" and cfg.mesh.shard > 1))
-        self.mesh_box.setVisible(mode == "mesh")
+        sharded = mode == "fsdp" or (mode == "mesh" and cfg.mesh.shard > 1)
+        self.reshard.setVisible(sharded and "placement.reshard_after_forward" not in self._hidden)
+        self.mesh_box.setVisible(mode == "mesh" and not all(f"mesh.{a}" in self._hidden for a in AXES))
         if mode == "mesh":
             self.mesh_product.setText(self._mesh_product(cfg))
-        zero = mode in ("ddp", "fsdp") or (mode == "mesh" and cfg.mesh.shard > 1)  # ZeRO-1 ddp, 2 and 3 FSDP
+        zero = (mode in ("ddp", "fsdp") or (mode == "mesh" and cfg.mesh.shard > 1)) \
+            and "placement.zero" not in self._hidden  # ZeRO-1 is ddp's, 2 and 3 FSDP's
         self.zero_label.setVisible(zero)
         self._spins["placement.zero"].setVisible(zero)
         self.sim_count.setEnabled(self.dev_sim.isChecked())
         self.memory.setEnabled(not self.dev_gpu.isChecked())
         self.share_count.setEnabled(self.share.isChecked())
         by_layers = known is not None and known.splits == "layers"
-        self.placement_box.setVisible(by_layers)
+        self.placement_box.setVisible(by_layers and "placement.split" not in self._hidden)
         if by_layers:
             self._fill_placement(cfg)
         if self._problems:

@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QScrollArea,
+    QSizePolicy,
     QSplitter,
     QStackedWidget,
     QVBoxLayout,
@@ -377,6 +378,9 @@ class Dashboard(QWidget):
         self.log_loss = QCheckBox("log-scale loss")
         self.log_loss.toggled.connect(self.set_log_loss)
         self.status = QLabel("")
+        # The status gives way (cut at its end; the status bar repeats step, loss and rate)
+        # rather than squeeze the device legend into one name per line beside a lesson dock.
+        self.status.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         top = QHBoxLayout()
         top.addWidget(self.status, 1)
         top.addWidget(self.device_legend)

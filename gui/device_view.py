@@ -49,6 +49,8 @@ class Gauge(QWidget):
         """None: fine; otherwise the text naming what overflowed."""
         self.tint: str | None = None
         """The colour of this device's mesh group along the lit axis (mesh_grid)."""
+        self.highlighted = False
+        """Outlined: a lesson step points at this device."""
         self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
         self.setMinimumSize(self.MIN_W, self.MIN_H)
         self.setMaximumWidth(180)
@@ -100,6 +102,9 @@ class Gauge(QWidget):
             p.fillRect(self.rect(), qcolor(OOM_COLOR, 40))
             p.setPen(QPen(QColor(OOM_COLOR), 2))
             p.drawRect(self.rect().adjusted(1, 1, -1, -1))
+        if self.highlighted:
+            p.setPen(QPen(pal.highlight().color(), 3))
+            p.drawRoundedRect(QRectF(self.rect()).adjusted(1.5, 1.5, -1.5, -1.5), 4, 4)
         bar = QRectF((w - self.BAR_W) / 2, 8, self.BAR_W, max(10, h - 16 - self.TEXT_H))
         scale = max(self.capacity, self.used, self.peak, self.predicted or 0, 1)
 
@@ -187,6 +192,7 @@ class DeviceView(QWidget):
         self._prediction: dict[int, dict] = {}
         self._seen = (-1, -1)
         self._run_devices = 0
+        self._highlight: int | None = None
 
     def _ensure(self, n: int) -> None:
         # Gauges are made once per device slot and reused by later runs.
@@ -195,6 +201,7 @@ class DeviceView(QWidget):
             self.gauges.append(Gauge(self._grid_widget))
         for i, g in enumerate(self.gauges):
             g.setVisible(i < n)
+            g.highlighted = i == self._highlight
         self._shown = n
         self._wrap(force=grew)
 
@@ -287,6 +294,13 @@ class DeviceView(QWidget):
             self.gauges[i].set_state(str(entry.get("label", f"device {i}")), int(entry.get("capacity_bytes", 0)),
                                      {}, 0, None)
             self.gauges[i].set_predicted(self._predicted(i))
+
+    def set_highlight(self, device: int | None) -> None:
+        """Outline one device's gauge (None: none); kept for gauges made later."""
+        self._highlight = device
+        for i, g in enumerate(self.gauges):
+            g.highlighted = i == device
+            g.update()
 
     def _predicted(self, device: int) -> int | None:
         entry = self._prediction.get(device)

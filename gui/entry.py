@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from ..core import cli
 
@@ -14,6 +15,8 @@ def _setup(p: argparse.ArgumentParser) -> None:
     """open the app (the default command)"""
     cli.add_config_args(p, overrides=True)
     p.add_argument("--start", action="store_true", help="start the run at launch (demo mode)")
+    p.add_argument("--lesson", metavar="NAME",
+                   help="open a lesson at its first step (the Lessons menu lists them)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -21,8 +24,25 @@ def _run(args: argparse.Namespace) -> int:
 
     # The bare `paralab` command opens the app without the gui subcommand's arguments.
     named = any(getattr(args, name, None) for name in ("preset", "config", "overrides"))
+    lesson = _lesson(args, named)
     cfg = cli.load_config(args) if named else None
-    return app_main(cfg, start=getattr(args, "start", False))
+    return app_main(cfg, start=getattr(args, "start", False), lesson=lesson)
+
+
+def _lesson(args: argparse.Namespace, named: bool) -> Any:
+    """The lesson --lesson names, loaded and checked before any window opens (exit 2 otherwise)."""
+    name = getattr(args, "lesson", None)
+    if name is None:
+        return None
+    if named:
+        raise cli.BadInput("--lesson brings its own settings; leave out --preset, --config and --set")
+    from ..core import lessons
+    from ..core.config import ConfigError
+
+    try:
+        return lessons.load(name)
+    except ConfigError as e:
+        raise cli.BadInput(str(e)) from None
 
 
 def _setup_replay(p: argparse.ArgumentParser) -> None:

@@ -41,6 +41,7 @@ from .compare_dialog import CompareDialog, SessionRun
 from .config_panel import ConfigPanel
 from .controller import RunController
 from .dashboard import Dashboard, rate_text
+from .lessons import LessonMode
 from .mesh_grid import preview_plan
 from .recordings import Recordings
 from .replay import Replay, ReplayBar
@@ -132,6 +133,7 @@ class MainWindow(Recordings, QMainWindow):
         self._build_center()
         self._build_actions()
         self._build_status()
+        self.lessons = LessonMode(self)
 
         self.panel.config_changed.connect(self._on_config_changed)
         self.panel.estimate_ready.connect(self._on_estimate)
@@ -143,6 +145,7 @@ class MainWindow(Recordings, QMainWindow):
         c.finished.connect(self._on_finished)
 
         self._restore(cfg)
+        self.lessons.dock.hide()  # restoreState brings back the dock of a lesson left open at quit
         self._update_actions()
 
     # ---- layout ----------------------------------------------------------------------------
@@ -412,6 +415,7 @@ class MainWindow(Recordings, QMainWindow):
             self.statusBar().showMessage(f"learning rate set to {value:.6g}", 3000)
 
     def load_preset(self, name: str) -> None:
+        self.lessons.leave()  # the form no longer holds the lesson's step
         try:
             self.panel.set_config(presets.load(name))
         except ConfigError as e:
@@ -439,6 +443,7 @@ class MainWindow(Recordings, QMainWindow):
         self.open_action.setEnabled(not busy)
         self.open_run_action.setEnabled(not busy)
         self.open_session_action.setEnabled(not busy)
+        self.lessons.set_busy(busy)
 
     # ---- controller signals ----------------------------------------------------------------
 

@@ -105,14 +105,14 @@ def compute_window(data: RunData, n_steps: int = 2, gap: float = 0.04) -> Window
     return win
 
 
-def clock_text(data: RunData) -> str:
-    """Which clock the spans are in; on a modelled one, what it says of each device's step:
-    MFU, the share of its communication hidden under compute, bytes and bus bandwidth."""
+def clock_text(data: RunData) -> tuple[str, str]:
+    """Which clock the spans are in, and on a modelled one what it says of each device's
+    step: MFU, the share of its communication hidden under compute, bytes and bus bandwidth."""
     start = data.start
     if start is None or start.clock == "host":
-        return "Host time (measured).  "
+        return "Host time (measured).  ", ""
     if data.viewing_host:
-        return f"Host time (measured); the run's clock is {start.clock}.  "
+        return f"Host time (measured); the run's clock is {start.clock}.  ", ""
     figures = []
     for d in data.devices:
         x = d.util_extra
@@ -121,7 +121,7 @@ def clock_text(data: RunData) -> str:
                     f"{x['overlap']:.0%} hidden" if x.get("comm_bytes") else "")
             figures.append(f"{d.label} MFU {x['mfu']:.1%}{comm}")
     shown = "; ".join(figures[:4]) + ("; …" if len(figures) > 4 else "")
-    return f"{start.clock[0].upper()}{start.clock[1:]}" + (f" — {shown}" if figures else "") + ".  "
+    return f"{start.clock[0].upper()}{start.clock[1:]}.  ", (f"  ·  {shown}." if figures else "")
 
 
 class Timeline(QWidget):
@@ -155,8 +155,11 @@ class Timeline(QWidget):
         self.legend = QLabel(legend_html(PHASE_COLORS))
         self.info = QLabel("")
         self.info.setWordWrap(True)
-        # Two lines, always: a label that grows with its text would resize the plot above.
-        self.info.setFixedHeight(2 * self.info.fontMetrics().lineSpacing() + 4)
+        self.info.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)  # a cut takes the end, not both ends
+        # Three lines, always: a label that grows with its text would resize the plot above.
+        # Two cut off the idle shares behind a modelled clock's figures once a lesson dock
+        # narrowed the view; the tooltip holds the whole text wherever it is cut.
+        self.info.setFixedHeight(3 * self.info.fontMetrics().lineSpacing() + 4)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.plot, 1)
@@ -207,6 +210,7 @@ class Timeline(QWidget):
             self.placeholder.hide()
         self._place_steps(win)
         self.info.setText(self._describe(data, win))
+        self.info.setToolTip(self.info.text())
         return True
 
     def _place_steps(self, win: Window) -> None:
@@ -234,13 +238,16 @@ class Timeline(QWidget):
             shares = ", ".join(f"{label} {share:.0%}" if share is not None else f"{label} –"
                                for label, share in zip(data.labels, win.idle))
             text = f"Idle share of the shown steps: {shares}"
-        text = clock_text(data) + text
+        # The clock first (every time figure says which), then the idle shares: the line a
+        # person (or a lesson) reads here; the per-device figures last, where a cut hurts least.
+        clock, figures = clock_text(data)
+        text = clock + text
         if data.mode == "pipeline":
             p = len(data.devices)
             m = int(data.config.get("train", {}).get("micro_batches", 1))
             text += (f"  ·  pipeline bubble by formula (p−1)/(m+p−1) = ({p}−1)/({m}+{p}−1) = "
                      f"{bubble_formula(p, m):.0%}")
-        return text
+        return text + figures
 
     def set_text_color(self, color: QColor) -> None:
         self.placeholder.set_color(color)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
 
-from ..core import presets
+from ..core import lessons, presets
 
 SUMMARIES = {
     "seed-data-parallel": "nn.DataParallel linear regression (y = 3x + noise): the batch split over the devices.",
@@ -33,6 +33,8 @@ WHAT_START_SHOWS = (
 class Welcome(QWidget):
     chosen = Signal(str)
     """A preset's name: the person picked it."""
+    lesson_chosen = Signal(str)
+    """A lesson's name: the person wants to be guided."""
     dismissed = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -41,16 +43,16 @@ class Welcome(QWidget):
         v.setContentsMargins(32, 24, 32, 24)
         title = QLabel("<h2>paralab: watch multi-GPU training fill the devices</h2>")
         v.addWidget(title)
-        v.addWidget(QLabel("Pick a lesson to begin (it fills the settings on the left):"))
+        v.addWidget(QLabel("Follow a guided lesson, step by step (a panel on the right leads):"))
+        self.lesson_buttons: dict[str, QPushButton] = {}
+        for name, title, _summary in lessons.catalog():
+            self.lesson_buttons[name] = self._choice(v, title, lambda _=False, n=name: self.lesson_chosen.emit(n))
+        v.addSpacing(8)
+        v.addWidget(QLabel("Or pick a preset (it fills the settings on the left):"))
         self.buttons: dict[str, QPushButton] = {}
         for name in presets.names():
-            button = QPushButton(f"{name} — {SUMMARIES.get(name, '')}".rstrip(" —"), objectName="welcomePreset")
-            button.setFlat(True)
-            button.setCursor(Qt.CursorShape.PointingHandCursor)
-            button.setStyleSheet("text-align: left; padding: 4px 8px;")
-            button.clicked.connect(lambda _=False, n=name: self.chosen.emit(n))
-            v.addWidget(button)
-            self.buttons[name] = button
+            text = f"{name} — {SUMMARIES.get(name, '')}".rstrip(" —")
+            self.buttons[name] = self._choice(v, text, lambda _=False, n=name: self.chosen.emit(n))
         start = QLabel(WHAT_START_SHOWS, wordWrap=True)
         start.setTextFormat(Qt.TextFormat.RichText)
         v.addSpacing(12)
@@ -59,3 +61,13 @@ class Welcome(QWidget):
         skip.clicked.connect(self.dismissed.emit)
         v.addWidget(skip, alignment=Qt.AlignmentFlag.AlignLeft)
         v.addStretch(1)
+
+    @staticmethod
+    def _choice(v: QVBoxLayout, text: str, slot) -> QPushButton:
+        button = QPushButton(text, objectName="welcomePreset")
+        button.setFlat(True)
+        button.setCursor(Qt.CursorShape.PointingHandCursor)
+        button.setStyleSheet("text-align: left; padding: 4px 8px;")
+        button.clicked.connect(slot)
+        v.addWidget(button)
+        return button

@@ -1,0 +1,1 @@
+"""Lessons: guided sequences of runs (core/lessons.py reads them); data only."""
