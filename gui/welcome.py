@@ -5,7 +5,7 @@ Start, brings the live dashboard forward."""
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFrame, QLabel, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
 from ..core import lessons, presets
 
@@ -39,7 +39,15 @@ class Welcome(QWidget):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent, objectName="welcome")
-        v = QVBoxLayout(self)
+        # The lessons and presets scroll: the page must not make the window taller than a
+        # 720-pixel screen (the dashboard shares its stack).
+        content = QWidget(objectName="welcomeContent")
+        scroll = QScrollArea(widgetResizable=True, frameShape=QFrame.Shape.NoFrame)
+        scroll.setWidget(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        v = QVBoxLayout(content)
         v.setContentsMargins(32, 24, 32, 24)
         title = QLabel("<h2>paralab: watch multi-GPU training fill the devices</h2>")
         v.addWidget(title)

@@ -33,6 +33,18 @@ def test_streamed_layers_are_build_models_whatever_the_caller_draws(kind):
 
 
 def test_fsdp_materialises_its_shards_without_the_whole_model():
+    """In a fresh interpreter: in one that has traced an estimate, DTensor reuses a sharding
+    it cached for an equal-looking mesh of the traced rank 0, and this check (rank 1 on a
+    fake world) would get rank 0's offsets; a run's ranks never trace."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=_fsdp_materialises_its_shards)
+    proc.start()
+    proc.join(240)
+    assert proc.exitcode == 0, "the check failed in its own process (its traceback is above)"
+
+
+def _fsdp_materialises_its_shards() -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
