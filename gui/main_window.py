@@ -490,6 +490,8 @@ class MainWindow(Recordings, QMainWindow):
             self.banner.show_message(self._failure_text(end))
         text = {"ok": f"Finished: {end.message}", "stopped": f"Stopped after step {end.steps}"}.get(
             end.status, f"Failed ({end.status}) after step {end.steps}")
+        if "to switch layout" in end.message:
+            text = f"Switching layout after step {end.steps}: the new layout's run goes on from there"
         self.statusBar().showMessage(text, 15000)
 
     def _failure_text(self, end: RunEnded) -> str:
