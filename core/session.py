@@ -4,7 +4,8 @@ One JSON document, so it can be mailed, versioned and opened on another machine:
 
     {"format": "paralab-session", "version": 1,
      "config": {... RunConfig.to_dict(), the seed included ...},
-     "events": [{"event": "start", ...}, ...]}        (optional: a recorded run)
+     "events": [{"event": "start", ...}, ...],        (optional: a recorded run)
+     "lesson": {"name": "pipeline-bubble", "step": 2}}  (optional: where a lesson was)
 
 The config is what the form held when it was saved; the events carry their own config in
 their `start` (the run may have been made before the last change to the form).
@@ -35,15 +36,20 @@ class Session:
     config: RunConfig
     events: list | None = None
     """A recorded run (its first event the `start`), or None."""
+    lesson: tuple[str, int] | None = None
+    """(lesson name, step index) of the lesson open when it was saved, or None."""
 
     @property
     def seed(self) -> int:
         return self.config.seed
 
 
-def save(path: str | Path, config: RunConfig, events: list | None = None) -> None:
+def save(path: str | Path, config: RunConfig, events: list | None = None,
+         lesson: tuple[str, int] | None = None) -> None:
     """Write a session file (OSError if it cannot be written)."""
     doc: dict[str, Any] = {"format": FORMAT, "version": VERSION, "config": config.to_dict()}
+    if lesson:
+        doc["lesson"] = {"name": lesson[0], "step": lesson[1]}
     if events:
         doc["events"] = [json.loads(to_json(e)) for e in events]  # to_json writes a NaN loss as null
     text = json.dumps(doc, separators=(",", ":"))
@@ -84,13 +90,23 @@ def load(path: str | Path) -> Session:
         config = RunConfig.from_dict(doc.get("config") or {})
     except ConfigError as e:
         raise SessionError(f"{path}: {e}") from None
+    lesson = _lesson(doc.get("lesson"), path)
     events = doc.get("events")
     if events is None:
-        return Session(config)
+        return Session(config, lesson=lesson)
     try:
         parsed = [from_dict(e) for e in events]
     except (KeyError, TypeError, AttributeError, ValueError):
         raise SessionError(f"{path}: its recorded run cannot be read (an event is damaged)") from None
     if not parsed or not isinstance(parsed[0], RunStarted):
         raise SessionError(f"{path}: its recorded run does not begin with a 'start' event")
-    return Session(config, parsed)
+    return Session(config, parsed, lesson)
+
+
+def _lesson(entry: Any, path: Path) -> tuple[str, int] | None:
+    if entry is None:
+        return None
+    if (not isinstance(entry, dict) or not isinstance(entry.get("name"), str)
+            or not isinstance(entry.get("step"), int) or isinstance(entry.get("step"), bool) or entry["step"] < 0):
+        raise SessionError(f"{path}: its lesson entry is damaged (it needs a lesson name and a step from 0)")
+    return entry["name"][:200], entry["step"]

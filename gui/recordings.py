@@ -138,7 +138,7 @@ class Recordings:
             self.banner.show_message("Cannot save: " + "; ".join(self.panel.problems()))
             return False
         try:
-            session.save(path, cfg, self.shown_events() if with_run else None)
+            session.save(path, cfg, self.shown_events() if with_run else None, lesson=self.lessons.position())
         except OSError as e:
             self.banner.show_message(f"Cannot save {path}: {e.strerror or e}")
             return False
@@ -162,6 +162,8 @@ class Recordings:
         if opened.events and self.open_run(opened.events, name=Path(path).name):
             self.replay.pause()
             self.replay.seek(self.replay.duration)
+        if opened.lesson is not None:  # the lesson where it was, then the form as it was saved
+            self.lessons.open(*opened.lesson)
         self.panel.set_config(opened.config)  # after the run: its start names its own config
         return True
 

@@ -23,7 +23,18 @@ def test_config_seed_and_events_round_trip(tmp_path):
     assert opened.events[0] == EVENTS[0] and opened.events[1] == EVENTS[1] and opened.events[3] == EVENTS[3]
     assert opened.events[2].loss is None or math.isnan(opened.events[2].loss)  # JSON has no NaN
     save(path, CFG)
-    assert load(path).events is None
+    assert load(path).events is None and load(path).lesson is None
+
+
+def test_the_lesson_step_round_trips(tmp_path):
+    path = tmp_path / "s.json"
+    save(path, CFG, lesson=("pipeline-bubble", 2))
+    assert load(path).lesson == ("pipeline-bubble", 2)
+    doc = json.loads(path.read_text())
+    doc["lesson"] = {"name": "pipeline-bubble", "step": -1}
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SessionError, match="its lesson entry is damaged"):
+        load(path)
 
 
 @pytest.mark.parametrize("content, words", [

@@ -55,3 +55,14 @@ def test_bad_session_is_a_banner_and_paralab_open_exits_2(window, tmp_path, caps
     assert entry.main(["open", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "is not a paralab session" in err and "Traceback" not in err
+
+
+def test_a_session_saved_in_a_lesson_opens_at_that_step(window, tmp_path):
+    w = window
+    assert w.lessons.open("pipeline-bubble", 2)
+    path = tmp_path / "class.json"
+    assert w.save_session(path, with_run=False)
+    w.load_preset("mlp-ddp")  # leaves the lesson
+    assert w.lessons.position() is None
+    assert w.open_session(path)
+    assert w.lessons.position() == ("pipeline-bubble", 2)
