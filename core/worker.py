@@ -216,7 +216,7 @@ def main(job: RankJob, conn: Any, shared: Any, controller_alive: Any = None) -> 
     except BaseException as e:  # report every failure; the controller decides what it means
         done = _failure(job, e, state.get("probe"))
         if done.status == "oom":
-            _send_oom_memory(channel, e, state.get("probe"), done)
+            _send_oom_memory(channel, _out_of_memory(e) or e, state.get("probe"), done)
     finally:
         heartbeat.stopped.set()
         channel.send(done)
@@ -359,9 +359,24 @@ def _memory_events(ctx: RankContext, step: int, time_s: float) -> list[MemorySam
     return out
 
 
+def _out_of_memory(e: BaseException) -> BaseException | None:
+    """The out-of-memory behind `e`, if one is: torch's pipeline stages re-raise a stage's
+    error as "[Stage 1] failed to run forward", with the device's own error as its cause."""
+    from .memory import DeviceOutOfMemory
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, DeviceOutOfMemory) or type(e).__name__ == "OutOfMemoryError":
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _failure(job: RankJob, e: BaseException, probe: Probe | None) -> RankDone:
     from .memory import DeviceOutOfMemory
 
+    e = _out_of_memory(e) or e
     device, phase = probe.where if probe is not None else (None, "")
     if isinstance(e, DeviceOutOfMemory):
         return RankDone(job.rank, "oom", str(e), e.device.index, e.phase)

@@ -149,3 +149,15 @@ def test_bad_layouts_are_refused_with_a_sentence(overrides, words, no_leftover_r
     assert len(problems) == 1 and words in problems[0], problems
     with pytest.raises(ConfigError, match=words):
         Run(_pipeline(**overrides))
+
+
+def test_a_stage_that_runs_out_of_memory_is_an_out_of_memory():
+    """torch's stage re-raises a stage's error as "[Stage 1] failed to run forward"; the run
+    still ends `oom`, naming the device, the phase and the operation."""
+    from paralab.core import presets
+
+    cfg = presets.load("transformer-pipeline").with_overrides(
+        {"train.schedule": "gpipe", "sim.memory": "24MiB", "train.steps": 3, "train.micro_batches": 4})
+    end = ended(run_events(cfg))
+    assert end.status == "oom" and end.device == 1, end
+    assert end.message.startswith("sim1 ran out of memory in forward") and "failed to run" not in end.message
