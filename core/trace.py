@@ -28,13 +28,13 @@ from . import log, parallel, recorder
 from .clock import OpLog
 from .config import RunConfig
 from .devices import Device
-from .formula import chunk_len, meta_shapes
 from .gpus import gpu_models
 from .memory import MemoryLedger
 from .modes import mode
 from .predicted import DeviceEstimate, EstimateError
 from .recorder import Recorder
 from .schedule import ScheduleError, idle, schedule
+from .shapes import chunk_len, meta_shapes
 from .strategy import Probe, RankContext, RankJob, local_devices
 
 TRACE_STEPS = 2  # step 2 has what every later step has: last step's grads and the optimizer state

@@ -584,7 +584,7 @@ class ConfigPanel(QWidget):
         self.mesh_box.setVisible(mode == "mesh" and not all(f"mesh.{a}" in self._hidden for a in AXES))
         if mode == "mesh":
             self.mesh_product.setText(self._mesh_product(cfg))
-        zero = (mode in ("ddp", "fsdp") or (mode == "mesh" and cfg.mesh.shard > 1)) \
+        zero = bool(known and known.zero) and (mode != "mesh" or cfg.mesh.shard > 1) \
             and "placement.zero" not in self._hidden  # ZeRO-1 is ddp's, 2 and 3 FSDP's
         self.zero_label.setVisible(zero)
         self._spins["placement.zero"].setVisible(zero)

@@ -19,6 +19,7 @@ import torch
 
 from ..data import Dataset, make_dataset
 from ..models import build_model, loss_fn, split_layers
+from ..shapes import Rule, stage_layers
 from ..strategy import Trainer
 from . import learned_line, make_optimizer
 from .levers import autocast, checkpoint_blocks, ledger_saved, micro_batches, scaled
@@ -140,4 +141,14 @@ def _minus(intervals: list[tuple[float, float]], holes: list[tuple[float, float]
             a = max(a, h1)
         if b > a:
             out.append((a, b))
+    return out
+
+
+def memory(f: Rule) -> list[dict[str, int]]:
+    """The formula's rule: each device its stage's layers and, for the whole batch, what
+    they save and the output it sends on."""
+    out = []
+    for s, layers in enumerate(stage_layers(f.cfg, f.n)):
+        p, saved, sent, fixed = f.stage(layers, last=s == f.n - 1)
+        out.append(f.device(p, f.batch, layers, acts=f.batch * saved + fixed, other=f.batch * sent))
     return out

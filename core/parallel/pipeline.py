@@ -25,6 +25,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from ..data import make_dataset
 from ..models import build_model, loss_fn, num_layers, split_layers, stream_layers
+from ..shapes import Rule, peak, stage_layers
 from ..strategy import Trainer
 from . import make_optimizer
 from .levers import autocast, checkpoint_blocks, ledger_saved
@@ -193,3 +194,22 @@ def bubble_fraction(spans: Iterable, device: int, step: int | None = None) -> fl
 def ideal_bubble(stages: int, micro_batches: int) -> float:
     """GPipe's and 1F1B's bubble with equal stages and free communication: (p-1)/(m+p-1)."""
     return (stages - 1) / (micro_batches + stages - 1)
+
+
+def memory(f: Rule) -> list[dict[str, int]]:
+    """The formula's rule: each device its stage's layers, with the micro-batches in flight
+    at the end of its last forward (GPipe: all of them; 1F1B: at most the stages from here
+    to the end) and a gradient buffer per micro-batch for what it sends on."""
+    t, sh, B, out = f.cfg.train, f.sh, f.batch, []
+    m = t.micro_batches
+    for s, layers in enumerate(stage_layers(f.cfg, f.n)):
+        last = s == f.n - 1
+        p, saved, _, fixed = f.stage(layers, last)
+        in_flight = B if t.schedule == "gpipe" else min(m, f.n - s) * B / m
+        buffers = 0 if last else B * sh.out[layers.stop - 1]
+        # zero_grad runs before the schedule: gradients exist mid-step only once a
+        # micro-batch's backward has run, which 1F1B does before the last forward.
+        grads = p if t.schedule == "1f1b" and m > f.n - s else 0
+        fwd = f.device(p, in_flight, layers, grads=grads, acts=in_flight * saved + fixed, other=buffers)
+        out.append(peak(fwd, f.device(p, 0, layers, acts=0, other=buffers)))
+    return out
