@@ -92,7 +92,7 @@ def _lay_out(logs: dict[int, list]) -> Any:
 def _modelled(tl: Any, device: int) -> dict[str, Any]:
     """One device's modelled step: its time, busy share and spans (phase, start, end)."""
     compute = tl.compute.get(device, [])
-    spans = [*compute, *(("idle", s, e) for s, e in idle(compute, tl.step_s)),
+    spans = [*compute, *(("idle", s, e) for s, e in idle(tl, device)),
              *(("communication", s, e) for _, s, e, _, _ in tl.comm.get(device, []))]
     return {"step_s": tl.step_s, "busy": tl.busy_share(device), **tl.comm_figures(device),
             "spans": sorted(spans, key=lambda x: x[1])}

@@ -12,8 +12,6 @@ between, where the rank sits in send/recv waiting for a neighbour, become idle s
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
-from collections.abc import Iterable
 from time import perf_counter
 
 import torch
@@ -26,6 +24,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from ..data import make_dataset
 from ..models import build_model, loss_fn, num_layers, split_layers, stream_layers
 from ..shapes import Rule, peak, stage_layers
+from ..spans import gaps
 from ..strategy import Trainer
 from . import make_optimizer
 from .levers import autocast, checkpoint_blocks, ledger_saved
@@ -170,31 +169,11 @@ def _flow(model: nn.Module, data, layers: range, micro: int) -> tuple[torch.Tens
 
 def _spans(probe, device: int, compute: list[list], start: float, end: float) -> None:
     """Compute spans as timed, and every gap of the schedule between them as idle."""
-    t = start
-    for phase, s, e, resume in compute:
-        if s > t:
-            probe.span(device, "idle", t, s)
+    for phase, s, e, _ in compute:
         probe.span(device, phase, s, e)
-        t = resume
-    if end > t:
-        probe.span(device, "idle", t, end)
-
-
-def bubble_fraction(spans: Iterable, device: int, step: int | None = None) -> float:
-    """The share of `device`'s pipeline time (its forward, backward and idle spans, of
-    one step or of every sampled step) that it sat idle; 0.0 without spans."""
-    time: dict[str, float] = defaultdict(float)
-    for s in spans:
-        if s.device == device and s.phase in ("forward", "backward", "idle") and step in (None, s.step):
-            time[s.phase] += s.end_s - s.start_s
-    total = sum(time.values())
-    return time["idle"] / total if total > 0 else 0.0
-
-
-def ideal_bubble(stages: int, micro_batches: int) -> float:
-    """GPipe's and 1F1B's bubble with equal stages and free communication: (p-1)/(m+p-1)."""
-    return (stages - 1) / (micro_batches + stages - 1)
-
+    # A span's memory checkpoint (up to `resume`) is the probe's time, not a wait.
+    for s, e in gaps([(s, resume) for _, s, _, resume in compute], start, end):
+        probe.span(device, "idle", s, e)
 
 def memory(f: Rule) -> list[dict[str, int]]:
     """The formula's rule: each device its stage's layers, with the micro-batches in flight
