@@ -56,7 +56,7 @@ from ..core.config import (
 )
 from ..core.models import layer_names, split_layers
 from ..core.modes import MODES, REGISTRY
-from ..core.plan import AXES, Plan
+from ..core.plan import AXES, AXIS, Plan
 from .prediction import PredictionProcess
 
 # The form's own words for the config keys its fields set: a problem names what a person
@@ -69,8 +69,7 @@ FIELD_LABELS = {
     "train.lr": "Learning rate", "train.steps": "Steps", "seed": "Seed",
     "placement.split": "Which device holds which layers",
     "placement.reshard_after_forward": "Reshard after forward",
-    **{f"mesh.{axis}": label for axis, label in (("pp", "Pipeline stages"), ("dp", "Replicas"),
-                                                 ("shard", "Shards"), ("tp", "Tensor parallel"))},
+    **{f"mesh.{a.name}": a.label for a in AXIS.values()},
     "train.grad_accumulation": "Gradient accumulation", "train.activation_checkpointing": "Activation checkpointing",
     "train.precision": "Precision", "placement.zero": "ZeRO stage",
 }
@@ -276,7 +275,7 @@ class ConfigPanel(QWidget):
         self.mesh_box = QGroupBox("Devices per mesh axis")
         mf = QFormLayout(self.mesh_box)
         self._spins: dict[str, QSpinBox] = {}
-        for axis in ("pp", "dp", "shard", "tp"):
+        for axis in AXES:
             mf.addRow(f"{FIELD_LABELS[f'mesh.{axis}']} ({axis})", self._spin(f"mesh.{axis}", 1, 4096))
         self.mesh_product = QLabel(objectName="meshProduct", wordWrap=True)
         mf.addRow(self.mesh_product)
