@@ -5,7 +5,8 @@ meter (a simulated device's utilization in host time), the modelled schedule (it
 utilization and idle spans), the app's timeline (each device's idle share), and the
 strategies that record idle spans (model-parallel's turns, the pipeline's bubble).
 
-A device *computes* in forward, backward and the optimizer step; it *works* while it
+A device *computes* in forward, backward (and the recompute of checkpointed blocks inside
+it) and the optimizer step; it *works* while it
 computes or communicates (a running NCCL kernel is what NVML's utilization counts too);
 it is *idle* for the rest of the step.  A step runs from its first span to its last on any
 device, since the ranks share one clock.  Overlapping spans count once.
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-COMPUTE = ("forward", "backward", "optimizer")
+COMPUTE = ("forward", "backward", "recompute", "optimizer")
 WORK = (*COMPUTE, "communication")
 
 Interval = tuple[float, float]
@@ -101,7 +102,7 @@ def bubble(spans: Iterable[Span]) -> dict[int, float]:
     window: dict[int, float] = {}
     ran: dict[int, float] = {}
     for ss in steps.values():
-        passes = [s for s in ss if s.phase in ("forward", "backward")]
+        passes = [s for s in ss if s.phase in ("forward", "backward", "recompute")]
         if not passes:
             continue
         lo, hi = min(s.start_s for s in passes), max(s.end_s for s in passes)

@@ -25,14 +25,14 @@ from ..models import build_model
 from ..shapes import Rule
 from ..strategy import Trainer
 from . import OPTIMIZER_CLASSES, learned_line, make_optimizer, standard_step
-from .levers import checkpoint_blocks, ledger_saved
+from .levers import checkpoint_blocks
 
 
 def apply_ddp(ctx) -> Trainer:
     cfg, device = ctx.cfg, ctx.local_devices[0]
     # Same seed on every rank, so every replica starts identical (DDP checks by broadcasting).
     model = build_model(cfg.model, cfg.seed).to(device.torch_device)
-    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ctx.ledger)
     ddp = DistributedDataParallel(model, device_ids=[device.gpu] if device.kind == "cuda" else None)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     if cfg.placement.zero == 1:

@@ -39,7 +39,7 @@ from ..models import build_model
 from ..shapes import Rule
 from ..strategy import Trainer
 from . import make_optimizer, materialise, standard_step
-from .levers import checkpoint_blocks, ledger_saved
+from .levers import checkpoint_blocks
 
 # A Linear on a 3-D input returns a view of its 2-D matmul, so FSDP2 warns that an in-place
 # op on that output would skip its hook; paralab's models never modify a layer's output in
@@ -55,7 +55,7 @@ def apply_fsdp(ctx) -> Trainer:
     model = build_model(cfg.model, cfg.seed, device="meta")
     # Checkpointing inside FSDP, as torchtitan orders them: FSDP gathers a block's
     # parameters before its forward and again before its backward, which recomputes it.
-    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ctx.ledger)
     reshard = cfg.placement.reshards_after_forward()  # ZeRO-3, or ZeRO-2 (placement.zero)
     # bf16: FSDP gathers the parameters in bf16 and computes in bf16; the shards it keeps,
     # their gradients (reduce-scattered in fp32) and the optimizer state stay fp32.

@@ -37,7 +37,7 @@ from ..shapes import FLOAT, Rule, chunk_len, named_shapes, stage_layers, tensor_
 from ..strategy import Trainer
 from . import make_optimizer, materialise, standard_step
 from .fsdp import DefaultAllGather, _CommTimer
-from .levers import checkpoint_blocks, ledger_saved
+from .levers import checkpoint_blocks
 from .pipeline import pipelined
 from .tensor_parallel import tp_plan
 
@@ -57,7 +57,7 @@ def apply_mesh(ctx) -> Trainer:
         parallelize_module(model, mesh["tp"], tp_plan(cfg.model, layers))
     # 2b. activation checkpointing, around the split blocks (their recompute redoes the
     # tensor-parallel all-reduces), inside the FSDP units
-    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ctx.ledger)
     # 4 before 3: FSDP shards the values it is given, so each rank first copies in its own
     # tensor-parallel slice (never the whole layer beyond one at a time)
     materialise(model, cfg, device.torch_device, layers)

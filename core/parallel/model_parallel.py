@@ -23,7 +23,7 @@ from ..shapes import Rule, stage_layers
 from ..spans import minus
 from ..strategy import Trainer
 from . import learned_line, make_optimizer
-from .levers import autocast, checkpoint_blocks, ledger_saved, micro_batches, scaled
+from .levers import autocast, checkpoint_blocks, micro_batches, scaled
 
 
 def apply_model_parallel(ctx) -> Trainer:
@@ -32,7 +32,7 @@ def apply_model_parallel(ctx) -> Trainer:
     model = build_model(cfg.model, cfg.seed)
     ranges = split_layers(len(model), len(devices), cfg.placement.split)
     parts = [model[r.start:r.stop].to(d.torch_device) for r, d in zip(ranges, devices)]
-    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ctx.ledger)
     whole = make_dataset(cfg.data, cfg.model, cfg.seed)
     data = Dataset(whole.inputs.to(first.torch_device), whole.targets.to(last.torch_device))
     # The seed's one optimizer, held as one per device: each device updates its own layers,

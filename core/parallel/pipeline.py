@@ -27,7 +27,7 @@ from ..shapes import Rule, peak, stage_layers
 from ..spans import gaps
 from ..strategy import Trainer
 from . import make_optimizer
-from .levers import autocast, checkpoint_blocks, ledger_saved
+from .levers import autocast, checkpoint_blocks
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -84,7 +84,7 @@ def apply_pipeline(ctx) -> Trainer:
     # draw the same values as build_model): a rank never holds the whole model.
     submod = nn.Sequential(*(layer for j, layer in stream_layers(cfg.model, cfg.seed) if j in layers))
     submod = submod.to(device.torch_device)
-    checkpoint_blocks(submod, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(submod, cfg.train.activation_checkpointing, ctx.ledger)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     return pipelined(ctx, submod, layers, rank, world, None, lambda i: data.batch(i, batch_size), data)
 

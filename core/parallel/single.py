@@ -8,13 +8,13 @@ from ..models import build_model
 from ..shapes import Rule
 from ..strategy import Trainer
 from . import learned_line, make_optimizer, standard_step
-from .levers import checkpoint_blocks, ledger_saved
+from .levers import checkpoint_blocks
 
 
 def apply_single(ctx) -> Trainer:
     cfg, device = ctx.cfg, ctx.local_devices[0]
     model = build_model(cfg.model, cfg.seed).to(device.torch_device)
-    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ctx.ledger)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     optimizer = make_optimizer(model.parameters(), cfg.train)
     ctx.ledger.add_params(model.parameters(), device.index)

@@ -31,7 +31,7 @@ from ..models import build_model, tensor_splits
 from ..shapes import Rule, tensor_parallel_dims
 from ..strategy import Trainer
 from . import make_optimizer, materialise, standard_step
-from .levers import checkpoint_blocks, ledger_saved
+from .levers import checkpoint_blocks
 
 
 def tp_plan(cfg: ModelConfig, layers: range) -> dict[str, ParallelStyle]:
@@ -57,7 +57,7 @@ def apply_tensor_parallel(ctx) -> Trainer:
     parallelize_module(model, mesh, tp_plan(cfg.model, range(len(model))))
     # After the split, as torchtitan orders them: a checkpointed block recomputes its
     # sharded matmuls and their all-reduces in backward.
-    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ctx.ledger)
     materialise(model, cfg, device.torch_device)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     optimizer = make_optimizer(model.parameters(), cfg.train)
