@@ -199,7 +199,7 @@ def test_dashboard_reuses_its_items_across_runs(dashboard):
 
 
 def test_stacked_memory_keeps_peaks_when_downsampled(dashboard):
-    from paralab.gui.dashboard import StackedArea
+    from paralab.gui.memory_plot import StackedArea
     from pyqtgraph import functions as fn
 
     data = RunData(memory_capacity=100_000)
