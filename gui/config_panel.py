@@ -3,18 +3,16 @@
 The form never parses anything itself: every field's value goes through
 `config.set_value` (the same conversion the CLI's --set and TOML files use), and the
 problems shown are the sentences of `validation.problems(cfg)`.  The predicted memory per
-device comes from `core.estimate`, computed in a background thread after the settings
-have been still for a moment.
+device is the PredictionBox's (gui.prediction_box): `core.estimate` in its own process,
+once the settings have been still for a moment.
 """
 
 from __future__ import annotations
 
 import re
-import threading
-import time
 from typing import Any
 
-from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QObject, Qt, Signal
 from PySide6.QtWidgets import (
     QAbstractSpinBox,
     QApplication,
@@ -38,7 +36,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..core import devices as core_devices
-from ..core import log, preflight, validation
+from ..core import preflight, validation
 from ..core.config import (
     CHECKPOINTING,
     DATASETS,
@@ -57,7 +55,7 @@ from ..core.config import (
 from ..core.models import layer_names, split_layers
 from ..core.modes import MODES, REGISTRY
 from ..core.plan import AXES, AXIS, Plan
-from .prediction import PredictionProcess
+from .prediction_box import PredictionBox
 
 # The form's own words for the config keys its fields set: a problem names what a person
 # sees ("Capacity each"), not the dotted key a file or --set would use ("sim.memory").
@@ -82,12 +80,6 @@ _KEY = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(FIELD_L
 def in_form_words(problem: str) -> str:
     """A problem sentence with each config key the form shows replaced by its label."""
     return _KEY.sub(lambda m: f"“{FIELD_LABELS[m.group(1)]}”", problem)
-ESTIMATE_DELAY_MS = 400
-SLOW_PREDICTION_S = 2  # past this, "Predicting…" says for how long so far
-
-
-class _EstimateSignals(QObject):
-    done = Signal(int, object, str)  # generation, Estimate or None, error sentence
 
 
 class _WheelGuard(QObject):
@@ -128,26 +120,15 @@ class ConfigPanel(QWidget):
         self._hidden: frozenset[str] = frozenset()
         """Settings a lesson step hides (their values still count)."""
         self._gpus = core_devices.list_gpus()
-        self.estimate: Any = None
-        self._generation = 0
-        self._estimate_lock = threading.Lock()
-        self._estimate_next: tuple[int, RunConfig | None] | None = None
-        self._estimate_busy = False
-        self._estimator = PredictionProcess()
-        self._estimate_started = 0.0
-        self._estimate_clock = QTimer(self)
-        self._estimate_clock.setInterval(1000)
-        self._estimate_clock.timeout.connect(self._show_elapsed)
-        self._estimate_signals = _EstimateSignals(self)
-        self._estimate_signals.done.connect(self._on_estimate)
-        self._estimate_timer = QTimer(self)
-        self._estimate_timer.setSingleShot(True)
-        self._estimate_timer.setInterval(ESTIMATE_DELAY_MS)
-        self._estimate_timer.timeout.connect(self._start_estimate)
         self._build()
         self.set_config(RunConfig())
 
     # ---- public --------------------------------------------------------------------------
+
+    @property
+    def estimate(self) -> Any:
+        """The Estimate of the current settings, once predicted (None until then)."""
+        return self.prediction.estimate
 
     def config(self) -> RunConfig | None:
         return self._config
@@ -157,7 +138,7 @@ class ConfigPanel(QWidget):
 
     def shutdown(self) -> None:
         """End the prediction process (the window is closing)."""
-        self._estimator.close()
+        self.prediction.shutdown()
 
     def set_locked(self, locked: bool) -> None:
         """Lock the form while a run goes (its settings are the run's); the text stays readable."""
@@ -352,14 +333,9 @@ class ConfigPanel(QWidget):
         self.problems_label = QLabel(objectName="problems", wordWrap=True)
         self.problems_label.setTextFormat(Qt.TextFormat.PlainText)
         footer.addWidget(self.problems_label)
-        box = QGroupBox("Predicted peak memory")
-        pv = QVBoxLayout(box)
-        self.estimate_label = QLabel(wordWrap=True, objectName="estimate")
-        self.estimate_warning = QLabel(wordWrap=True, objectName="estimateWarning")
-        pv.addWidget(self.estimate_label)
-        pv.addWidget(self.estimate_warning)
-        self.estimate_box = box
-        footer.addWidget(box)
+        self.prediction = PredictionBox(self)
+        self.prediction.ready.connect(self.estimate_ready)
+        footer.addWidget(self.prediction)
         outer.addLayout(footer)
         for field in [*body.findChildren(QComboBox), *body.findChildren(QAbstractSpinBox)]:
             self._wheel.guard(field)
@@ -523,7 +499,7 @@ class ConfigPanel(QWidget):
         self._problems = problems
         self._refresh(cfg)
         self.config_changed.emit(self._config, problems)
-        self._schedule_estimate()
+        self.prediction.request(None if self._problems else self._config)
 
     def _mesh_product(self, cfg: RunConfig) -> str:
         """'pp 2 × tp 2 = 4 ranks: one per device' — or what the devices are short of."""
@@ -668,85 +644,3 @@ class ConfigPanel(QWidget):
         self._changed()
 
     # ---- prediction -----------------------------------------------------------------------
-
-    def _schedule_estimate(self) -> None:
-        self._generation += 1
-        # A new configuration makes the prediction in flight worthless: end its process
-        # now rather than wait for it (a huge model can take minutes to trace).
-        self._estimator.cancel()
-        self.estimate = None  # it was the old settings' (a run started now must not show it)
-        if self._config is None or self._problems:
-            self._estimate_timer.stop()
-            self._estimate_clock.stop()
-            self.estimate_label.setText("Fix the problems above to see the prediction.")
-            self.estimate_warning.hide()
-            return
-        self.estimate_label.setText("Predicting…")
-        self.estimate_warning.hide()  # it was about the settings before this change
-        self._estimate_started = time.monotonic()
-        self._estimate_clock.start()
-        self._estimate_timer.start()
-
-    def _show_elapsed(self) -> None:
-        seconds = int(time.monotonic() - self._estimate_started)
-        if seconds >= SLOW_PREDICTION_S:
-            self.estimate_label.setText(f"Predicting… {seconds} s so far: tracing a large model takes a while. "
-                                        "Changing a setting cancels it; Start does not wait for it.")
-
-    def _start_estimate(self) -> None:
-        # One worker thread at a time; it always takes the newest request, so a burst of
-        # edits costs at most one stale prediction.
-        with self._estimate_lock:
-            self._estimate_next = (self._generation, self._config)
-            if self._estimate_busy:
-                return
-            self._estimate_busy = True
-        threading.Thread(target=self._estimate_loop, name="paralab-estimate", daemon=True).start()
-
-    def _estimate_loop(self) -> None:
-        while True:
-            with self._estimate_lock:
-                job, self._estimate_next = self._estimate_next, None
-                if job is None or job[1] is None:
-                    self._estimate_busy = False
-                    return
-            generation, cfg = job
-            result, error = None, ""
-            try:
-                result = self._estimator(cfg)
-            except ConfigError as e:
-                error = str(e)
-            except Exception as e:  # noqa: BLE001 -- a failed prediction must not break the form
-                error = f"could not predict: {type(e).__name__}: {e}"
-                log.failure(error, e)
-            try:
-                self._estimate_signals.done.emit(generation, result, error)
-            except RuntimeError:  # the panel is gone (the app is closing)
-                return
-
-    def _on_estimate(self, generation: int, result: Any, error: str) -> None:
-        if generation != self._generation:
-            return  # the settings changed since; a newer prediction is on its way
-        self._estimate_clock.stop()
-        self.estimate = result
-        self.estimate_ready.emit(result)
-        if result is None:
-            self.estimate_label.setText(error)
-            self.estimate_warning.hide()
-            return
-        lines, full = [], []
-        for d in result.devices:
-            share = d.peak_bytes / d.capacity_bytes if d.capacity_bytes else 0.0
-            lines.append(f"{d.label}: {human_bytes(d.peak_bytes)} of {human_bytes(d.capacity_bytes)} "
-                         f"({share:.0%})")
-            if not d.fits:
-                full.append(d.label)
-        self.estimate_label.setText("\n".join(lines))
-        if full:
-            self.estimate_warning.setText(
-                f"⚠ {', '.join(full)} will run out of memory: use more devices, a smaller model or batch, "
-                "or a mode that shards (fsdp, tensor-parallel).")
-            self.estimate_warning.show()
-        else:
-            self.estimate_warning.hide()
-

@@ -212,8 +212,8 @@ def test_out_of_memory_shows_the_banner_and_the_next_run_works(window, qtbot, no
     # A small MLP's state fits in 1 MiB, the activations of a 4096-sample batch do not.
     fill(panel, memory="1MiB", width=16, depth=1, batch=4096, steps=20)
     qtbot.waitUntil(lambda: panel.estimate is not None, timeout=60_000)
-    assert not panel.estimate.fits and panel.estimate_warning.isVisible()
-    assert "sim0" in panel.estimate_warning.text()
+    assert not panel.estimate.fits and panel.prediction.warning.isVisible()
+    assert "sim0" in panel.prediction.warning.text()
 
     assert w.start_run()
     qtbot.waitUntil(lambda: not w.controller.running, timeout=START_S * 1000)

@@ -75,20 +75,20 @@ def test_wheel_over_the_form_changes_a_field_only_when_it_has_focus(window, qtbo
 
 def test_a_new_configuration_cancels_a_prediction_that_takes_long(window, qtbot):
     panel = window.panel
-    real = panel._estimator.task
-    panel._estimator.task = lambda cfg: (time.sleep, (120,))  # a "huge model" that never ends
+    real = panel.prediction.process.task
+    panel.prediction.process.task = lambda cfg: (time.sleep, (120,))  # a "huge model" that never ends
     panel._spins["train.steps"].setValue(panel._spins["train.steps"].value() + 1)
-    qtbot.waitUntil(lambda: bool(panel._estimator.busy and panel._estimator.pids()), timeout=60_000)
-    pids = panel._estimator.pids()
-    qtbot.waitUntil(lambda: "so far" in panel.estimate_label.text(), timeout=10_000)
-    assert panel.estimate_label.text().startswith("Predicting… ")  # says that it is long, and how long
+    qtbot.waitUntil(lambda: bool(panel.prediction.process.busy and panel.prediction.process.pids()), timeout=60_000)
+    pids = panel.prediction.process.pids()
+    qtbot.waitUntil(lambda: "so far" in panel.prediction.label.text(), timeout=10_000)
+    assert panel.prediction.label.text().startswith("Predicting… ")  # says that it is long, and how long
 
-    panel._estimator.task = real
+    panel.prediction.process.task = real
     panel.set_config(presets.load("seed-data-parallel"))  # the small preset loaded afterwards
     qtbot.waitUntil(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                                     for p in pids), timeout=10_000)
     qtbot.waitUntil(lambda: panel.estimate is not None, timeout=60_000)
-    assert "Predicting" not in panel.estimate_label.text()
+    assert "Predicting" not in panel.prediction.label.text()
     assert panel.estimate.devices[0].label == "sim0"
 
 
