@@ -185,6 +185,28 @@ class Rule:
                 "optimizer": int(self.state * p if optimizer is None else optimizer),
                 "activations": int(a), "temporaries": int(temps), "other": int(other)}
 
+    def gathered(self, largest: float, total: float, backward: bool) -> float:
+        """FSDP's temporaries: the layer at work gathered twice over (the all-gather's buffer
+        and the unsharded parameters; bf16 under mixed precision), and in backward its
+        unsharded gradients awaiting the reduce-scatter (fp32).  Without resharding after
+        forward every layer stays gathered from its forward to its backward.  `largest`: the
+        largest unit's unsharded bytes; `total`: all units'.  (The trace measures 3 × the
+        largest layer in backward, and total + 2 × it, for the mlp.)"""
+        half = 0.5 if self.cfg.train.precision == "bf16" else 1.0
+        held = 2 * largest if self.cfg.placement.reshards_after_forward() else total + largest
+        return half * held + (largest if backward else 0.0)
+
+    def fsdp_peak(self, p: float, samples: float, acts: float, other: float, gathered: Any,
+                  layers: Iterable[int] | None = None) -> dict[str, int]:
+        """A sharded device's peak, the largest of three moments: the end of forward (last
+        step's gradients alive until zero_grad), the start of backward (every activation,
+        no gradient yet) and the end of backward (every gradient, the activations freed);
+        `gathered(backward)` is what FSDP holds gathered then."""
+        return peak(self.device(p, samples, layers, acts=acts, other=other, temps=gathered(False), autocast=False),
+                    self.device(p, samples, layers, acts=acts, other=other, temps=gathered(True), grads=0,
+                                autocast=False),
+                    self.device(p, samples, layers, acts=0, other=other, temps=gathered(True), autocast=False))
+
     def sharded(self, dim_of: Any, *, pad: bool = False, n: int | None = None) -> list[int]:
         """Parameter bytes of each of n ranks (all devices by default) when every parameter is
         cut along the dim `dim_of(name, shape)` gives (None: kept whole).  DTensor keeps each

@@ -132,16 +132,16 @@ class _CommTimer:
 
 def memory(f: Rule) -> list[dict[str, int]]:
     """The formula's rule: each device holds 1/n of every parameter (dim 0, padded as FSDP
-    pads), its gradient and optimizer state, and its share of the batch.  The layer at work
-    is gathered twice over (the all-gather's buffer and the unsharded parameters); without
-    resharding every layer stays gathered until backward.  bf16: FSDP gathers bf16 copies
-    (half the bytes), no autocast copy.  Accumulating without gradient sync, every rank
-    keeps the whole unsharded gradients between micro-steps."""
+    pads), its gradient and optimizer state, and its share of the batch, and what FSDP
+    gathers (Rule.gathered; bf16 gathers bf16 copies, no autocast copy).  Accumulating
+    without gradient sync, every rank keeps the whole unsharded gradients between
+    micro-steps."""
     sh, t = f.sh, f.cfg.train
     shard = f.sharded(lambda name, shape: 0, pad=True)
-    largest, half = max(sh.params), 0.5 if t.precision == "bf16" else 1.0
-    gathered = half * (2 * largest if f.cfg.placement.reshards_after_forward() else f.total + largest)
-    gathered += f.total if t.grad_accumulation > 1 else 0
+    accumulating = f.total if t.grad_accumulation > 1 else 0
+
+    def gathered(backward: bool) -> float:
+        return f.gathered(max(sh.params), f.total, backward) + accumulating
+
     acts = sh.fixed + f.per * sum(sh.saved) + f.slices
-    return [f.device(shard[r], f.per, acts=acts, other=f.per * sh.unsaved, temps=gathered, autocast=False)
-            for r in range(f.n)]
+    return [f.fsdp_peak(shard[r], f.per, acts, f.per * sh.unsaved, gathered) for r in range(f.n)]

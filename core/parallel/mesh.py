@@ -125,16 +125,17 @@ def _rank_bytes(f: Rule, rank: int) -> dict[str, int]:
     at = plan.coordinate(rank)
     stage, ways = at["pp"], plan.batch_ways
     layers = stage_layers(cfg, plan.pp)[stage]
-    params, largest, tp_dim = 0, 0, tensor_parallel_dims(cfg.model)
+    params, unsharded, tp_dim = 0, {}, tensor_parallel_dims(cfg.model)
     for name, shape in named_shapes(cfg.model):
-        if int(name.split(".")[0]) not in layers:
+        layer = int(name.split(".")[0])
+        if layer not in layers:
             continue
         dims = list(shape)
         dim = tp_dim(name, shape) if plan.tp > 1 else None
         if dim is not None and dim < len(dims):
             dims[dim] = chunk_len(dims[dim], plan.tp, at["tp"])
         whole = math.prod(dims) * FLOAT
-        largest = max(largest, whole) if ways > 1 else 0
+        unsharded[layer] = unsharded.get(layer, 0) + whole  # what FSDP gathers: a layer, tp-sliced
         if plan.shard > 1 and dims:  # FSDP pads dim 0 to a multiple of the shard count
             whole = -(-dims[0] // plan.shard) * math.prod(dims[1:]) * FLOAT
         params += whole
@@ -146,9 +147,9 @@ def _rank_bytes(f: Rule, rank: int) -> dict[str, int]:
     split = sh.split * here * (1 - 1 / plan.tp)
     first, last = stage == 0, stage == plan.pp - 1
     acts = in_flight * (sum(sh.saved[i] for i in layers) - split) + (sh.fixed if first or last else 0)
-    # FSDP over dp × shard gathers the layer at work twice over, or (ZeRO-2) keeps every
-    # layer gathered until backward.
-    reshards = cfg.placement.reshards_after_forward()
-    gathered = (2 * largest if reshards else params * plan.shard + largest) if ways > 1 else 0
     other = in_flight * sh.unsaved if last else samples * sh.out[layers.stop - 1]
-    return f.device(params, in_flight, layers, acts=acts, other=other, temps=gathered)
+    if ways == 1:
+        return f.device(params, in_flight, layers, acts=acts, other=other)
+    # FSDP units over dp × shard (plain replicas when shard = 1 are units too).
+    largest, total = max(unsharded.values()), sum(unsharded.values())
+    return f.fsdp_peak(params, in_flight, acts, other, lambda backward: f.gathered(largest, total, backward), layers)
