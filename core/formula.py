@@ -211,8 +211,16 @@ def formula(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
             out.append(max(fwd, bwd, key=lambda b: sum(b.values())))
     elif mode == "mesh":
         out = [_mesh_device(cfg, sh, r, device) for r in range(n)]
+    if offloaded(cfg):  # the shards, their gradients and the optimizer state are the host's
+        out = [{**b, "params": 0, "grads": 0, "optimizer": 0} for b in out]
     return [DeviceEstimate(d.index, d.label, sum(b.values()), b, d.capacity_bytes, "formula")
             for d, b in zip(devices, out)]
+
+
+def offloaded(cfg: RunConfig) -> bool:
+    """placement.cpu_offload: FSDP keeps the parameter shards, their gradients and the
+    optimizer state in host memory; the device keeps what it gathers and computes with."""
+    return cfg.placement.cpu_offload and (cfg.mode == "fsdp" or (cfg.mode == "mesh" and cfg.mesh.shard > 1))
 
 
 def _mesh_device(cfg: RunConfig, sh: Shapes, rank: int, device: Any) -> dict[str, int]:

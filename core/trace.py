@@ -95,6 +95,7 @@ def _modelled(tl: Any, device: int) -> dict[str, Any]:
     spans = [*compute, *(("idle", s, e) for s, e in idle(compute, tl.step_s)),
              *(("communication", s, e) for _, s, e, _, _ in tl.comm.get(device, []))]
     return {"step_s": tl.step_s, "busy": tl.busy_share(device), **tl.comm_figures(device),
+            "host_s": tl.host_s(device),
             "spans": sorted(spans, key=lambda x: x[1])}
 
 
@@ -137,7 +138,7 @@ def _trace_rank(cfg: RunConfig, devices: list[Device], rank: int, world: int,
             probe.where = (local[0].index, "forward")
             # The steady step (last step's gradients and the optimizer's state exist) is
             # the one a run's modelled clock repeats.
-            log = OpLog(gpu, lambda: probe.where, cfg.sim.tf32) if gpu is not None and step == last else None
+            log = OpLog(gpu, lambda: probe.where, cfg.sim.tf32, cfg.placement.cpu_offload) if gpu is not None and step == last else None
             with Recorder(ledger, on_op=log):  # what a rank's sampled step counts, allocation by allocation
                 trainer.step(step, probe)
             ledger.end_step()
