@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from paralab.core import presets
 from paralab.core.cli import main
 from paralab.core.clock import OpLog
 from paralab.core.config import RunConfig
@@ -175,3 +176,9 @@ def test_offload_outside_fsdp_says_what_to_use(extra, capsys):
 def test_offload_in_fsdp_and_a_sharded_mesh_is_accepted():
     assert problems(config(**OFF)) == []
     assert problems(config("mesh", **{"mesh.shard": 2}, **OFF)) == []
+
+
+def test_the_offload_preset_fits_only_with_offload():
+    cfg = presets.load("transformer-fsdp-offload")
+    assert estimate(cfg, method="trace").fits
+    assert not estimate(cfg.with_overrides({"placement.cpu_offload": False}), method="trace").fits
