@@ -369,7 +369,8 @@ class MemoryLedger:
     def host_peak(self, device: int) -> dict[str, int]:
         """What an offloaded device keeps in host memory, by category, at the host's highest
         this step (a sampled step's optimizer scratch included); {} for a device that keeps
-        everything on itself.  Without allocations counted (CUDA): its CPU tensors now."""
+        everything on itself.  On CUDA, where allocations are not counted one by one: its CPU
+        tensors (shards, gradients, optimizer state) as the step began, or now if unsampled."""
         if device not in self.offloaded:
             return {}
         if device in self._host_peak:
