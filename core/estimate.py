@@ -26,7 +26,9 @@ from . import validation
 from .config import ConfigError, RunConfig, human_bytes
 from .devices import Device, resolve
 from .events import CATEGORIES, MemorySample
+from .formula import formula
 from .predicted import DeviceEstimate, EstimateError
+from .trace import trace
 
 METHODS = ("both", "formula", "trace")
 
@@ -100,9 +102,6 @@ def estimate(cfg: RunConfig, method: str = "both", devices: list[Device] | None 
     problems = validation.problems(cfg, resolve_devices=devices is None)
     if problems:
         raise ConfigError("; ".join(problems))
-    from .formula import formula
-    from .trace import trace
-
     devices = devices if devices is not None else resolve(cfg.devices, cfg.sim.memory)
     start = time.perf_counter()
     result = Estimate(method, {}, gpu=cfg.sim.gpu)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "temporaries", "other")
-PHASES = ("forward", "backward", "optimizer", "communication", "idle")
+PHASES = ("forward", "backward", "recompute", "optimizer", "communication", "idle")
+"""recompute: a checkpointed block run again inside backward (train.activation_checkpointing)."""
 END_STATUSES = ("ok", "oom", "error", "stopped")
 
 

@@ -118,6 +118,9 @@ class MemoryLedger:
         """(device, phase) the process is working in now: who an allocation belongs to."""
         self.op = ""
         """The operation running now (set by the recorder)."""
+        self.recompute: Callable[[int], Any] = lambda device: contextlib.nullcontext()
+        """The context a checkpointed block runs again in, inside backward (core.parallel.levers);
+        the probe makes it the `recompute` phase, so its ops and its time say what they are."""
         self.peak: dict[int, int] = {d.index: 0 for d in devices}
         self.peak_phase: dict[int, str] = {d.index: "" for d in devices}
         self._live: dict[int, tuple[weakref.ref, _Block]] = {}

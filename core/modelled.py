@@ -85,7 +85,7 @@ class ModelledClock:
             for phase, s, e in compute:
                 phase = phase if phase in PHASES else "forward"
                 out.append(PhaseSpan(d.index, phase, start + s, start + e, step, "modelled"))
-            for s, e in idle(compute, tl.step_s):
+            for s, e in idle(tl, d.index):
                 out.append(PhaseSpan(d.index, "idle", start + s, start + e, step, "modelled"))
             for name, s, e, nbytes, _ in tl.comm.get(d.index, []):
                 out.append(PhaseSpan(d.index, "communication", start + s, start + e, step, "modelled", nbytes, name))

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 class Mode:
     name: str
     module: str
-    """Module under core.parallel that defines `apply_<module>(ctx)` and `memory(...)` (the formula)."""
+    """Module under core.parallel that defines the mode: `apply_<module>(ctx)`, its runtime
+    (core.strategy), and `memory(rule)`, its rule for the formula (core.shapes)."""
     one_process_per_device: bool
     """True: one rank per logical device (torch.distributed); False: one process drives all."""
     splits: str
@@ -36,6 +37,13 @@ class Mode:
     runs only all-reduce and broadcast on CUDA tensors."""
     batch_evenly: bool = False
     """The global batch must split evenly over the devices."""
+    accumulates: bool = True
+    """Runs train.grad_accumulation's micro-steps before each optimizer step."""
+    checkpoints: bool = True
+    """Can checkpoint activations: its blocks live from forward to backward, to recompute with."""
+    zero: tuple[int, ...] = ()
+    """The ZeRO stages (placement.zero) it takes besides 0, its own: 1 is ddp's sharded
+    optimizer state (ZeroRedundancyOptimizer), 2 and 3 FSDP's choice to reshard after forward."""
 
     def world_size(self, n_devices: int) -> int:
         return n_devices if self.one_process_per_device else 1
@@ -48,7 +56,8 @@ REGISTRY: dict[str, Mode] = {m.name: m for m in (
     Mode("data-parallel", "data_parallel", False, "batch",
          "nn.DataParallel, as in the seed: one process copies the model to every device each step "
          "and splits the batch.",
-         "Watch: device 0 gathers outputs and gradients, so its memory stands above the rest."),
+         "Watch: device 0 gathers outputs and gradients, so its memory stands above the rest.",
+         checkpoints=False),  # its replicas are made anew each step
     Mode("model-parallel", "model_parallel", False, "layers",
          "The naive split, as in the seed: consecutive layers live on different devices and "
          "activations hop between them.",
@@ -57,16 +66,16 @@ REGISTRY: dict[str, Mode] = {m.name: m for m in (
          "DistributedDataParallel: one process per device, each with the whole model and its share "
          "of the batch.",
          "Watch: equal memory on every device, and all-reduce (communication) during backward.",
-         axis="dp", symmetric=True, batch_evenly=True),
+         axis="dp", symmetric=True, batch_evenly=True, zero=(1,)),
     Mode("pipeline", "pipeline", True, "layers",
          "Pipeline: layers in stages on the devices; micro-batches flow through them (GPipe or 1F1B).",
          "Watch the timeline's idle bubbles shrink with more micro-batches; 1F1B holds fewer activations.",
-         axis="pp", gloo_cuda=False),
+         axis="pp", gloo_cuda=False, accumulates=False),  # over its micro-batches already
     Mode("fsdp", "fsdp", True, "parameters",
          "FSDP2: parameters, gradients and optimizer state are sharded over the devices and gathered "
          "layer by layer when needed.",
          "Watch: params, grads and optimizer memory divided by the device count, against DDP.",
-         axis="shard", symmetric=True, gloo_cuda=False, batch_evenly=True),
+         axis="shard", symmetric=True, gloo_cuda=False, batch_evenly=True, zero=(2, 3)),
     Mode("tensor-parallel", "tensor_parallel", True, "tensors",
          "Tensor parallel (DTensor): every layer's weight matrices are split over the devices.",
          "Watch: params per device shrink; communication appears inside forward and backward.",
@@ -75,7 +84,7 @@ REGISTRY: dict[str, Mode] = {m.name: m for m in (
          "A device mesh: the axes of mesh.pp, mesh.dp, mesh.shard and mesh.tp composed — pipeline "
          "stages outermost, then replicas, shards, and tensor-parallel splits innermost.",
          "Watch: each axis divides what it divides — shard and tp the parameters, dp and shard "
-         "the batch, pp the layers — and adds its own communication.", gloo_cuda=False),
+         "the batch, pp the layers — and adds its own communication.", gloo_cuda=False, zero=(2, 3)),
 )}
 
 MODES = tuple(REGISTRY)

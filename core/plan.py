@@ -22,7 +22,28 @@ from dataclasses import dataclass
 from .config import RunConfig
 from .modes import REGISTRY
 
-AXES = ("pp", "dp", "shard", "tp")
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of the mesh, in the panel's words."""
+
+    name: str
+    label: str
+    """The panel's name for its degree."""
+    groups: str
+    """What each group of this axis (the ranks that differ only along it) does together."""
+
+
+AXIS: dict[str, Axis] = {a.name: a for a in (  # outermost first
+    Axis("pp", "Pipeline stages",
+         "pipeline: each group is one pipeline, its stages passing activations forward and gradients back"),
+    Axis("dp", "Replicas", "replicas: each group holds the same shard and all-reduces its gradients"),
+    Axis("shard", "Shards", "FSDP: each group shares out every parameter, all-gathering it to compute and "
+         "reduce-scattering its gradients"),
+    Axis("tp", "Tensor parallel", "tensor parallel: each group splits every block's weight matrices and "
+         "all-reduces inside each block"),
+)}
+AXES = tuple(AXIS)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .config import RunConfig, human_bytes
 from .devices import Device
+from .formula import formula
 
 STATE = ("params", "grads", "optimizer")
 
@@ -23,10 +24,6 @@ def cannot_hold(cfg: RunConfig, devices: list[Device]) -> str | None:
     sim = [d for d in devices if d.kind == "sim"]
     if not sim:
         return None
-    from .formula import (
-        formula,  # formula -> estimate -> (run-time) formula: kept out of import time
-    )
-
     for predicted in formula(cfg, devices):
         device = next((d for d in sim if d.index == predicted.device), None)
         if device is None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .clock import Op, bus_factor
+from .spans import covered, gaps, merged, overlap
 
 
 class ScheduleError(RuntimeError):
@@ -38,8 +39,9 @@ class Timeline:
         return sum(e - s for _, s, e in self.host.get(device, []))
 
     def busy_share(self, device: int) -> float:
-        """The share of the step its compute stream is busy (never communication or waiting)."""
-        busy = sum(e - s for _, s, e in self.compute.get(device, []))
+        """The share of the step its compute stream is busy (never communication or waiting):
+        the modelled utilization, core.spans' compute share."""
+        busy = covered((s, e) for _, s, e in self.compute.get(device, []))
         return busy / self.step_s if self.step_s > 0 else 0.0
 
     def comm_figures(self, device: int) -> dict[str, float]:
@@ -47,8 +49,8 @@ class Timeline:
         nccl-tests defines it (bytes × the algorithm's bus factor / time), and the share of
         its communication time hidden under compute (overlap)."""
         spans = self.comm.get(device, [])
-        comm_s = _union([(s, e) for _, s, e, _, _ in spans])
-        hidden = sum(_overlap(a, b) for a in _merged([(s, e) for _, s, e, _, _ in spans])
+        comm_s = covered((s, e) for _, s, e, _, _ in spans)
+        hidden = sum(overlap(a, b) for a in merged((s, e) for _, s, e, _, _ in spans)
                      for b in [(s, e) for _, s, e in self.compute.get(device, [])])
         bus = sum(n * bus_factor(name, ranks) for name, _, _, n, ranks in spans)
         return {"comm_s": comm_s, "comm_bytes": float(sum(n for *_, n, _ in spans)),
@@ -171,31 +173,8 @@ def _merge(spans: list[tuple[str, float, float]], phase: str, start: float, end:
         spans.append((phase, start, end))
 
 
-def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[tuple[float, float]] = []
-    for s, e in sorted(spans):
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], e))
-        else:
-            out.append((s, e))
-    return out
-
-
-def _union(spans: list[tuple[float, float]]) -> float:
-    return sum(e - s for s, e in _merged(spans))
-
-
-def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
-    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-
-
-def idle(compute: list[tuple[str, float, float]], until: float) -> list[tuple[float, float]]:
-    """The gaps of a compute stream between 0 and `until`."""
-    out, t = [], 0.0
-    for _, s, e in compute:
-        if s > t + 1e-12:
-            out.append((t, s))
-        t = max(t, e)
-    if until > t + 1e-12:
-        out.append((t, until))
-    return out
+def idle(tl: Timeline, device: int) -> list[tuple[float, float]]:
+    """Where a device's step neither computes nor communicates (core.spans' idle)."""
+    work = [(s, e) for _, s, e in tl.compute.get(device, [])]
+    work += [(s, e) for _, s, e, _, _ in tl.comm.get(device, [])]
+    return gaps(work, 0.0, tl.step_s)

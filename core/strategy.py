@@ -85,6 +85,7 @@ class Probe:
         self.spans: list[PhaseSpan] = []
         self._marks: dict[tuple[int, str], _Mark] = {}
         self.ledger.where = lambda: self.where  # an allocation belongs to the device at work
+        self.ledger.recompute = self._recompute
         self.clock = ModelledClock(ctx, lambda: self.where)
 
     @contextlib.contextmanager
@@ -96,6 +97,17 @@ class Probe:
             yield
         finally:
             self.where = before
+
+    @contextlib.contextmanager
+    def _recompute(self, device: int):
+        """A checkpointed block run again inside backward: its ops are modelled, and its
+        span drawn, as the recompute, not as backward."""
+        start = perf_counter()
+        try:
+            with self.at(device, "recompute"):
+                yield
+        finally:  # torch ends a recompute early by raising, once backward has what it needs
+            self.span(device, "recompute", start, perf_counter())
 
     def phase(self, device: int, phase: str) -> Any:
         if self.active:

@@ -29,6 +29,7 @@ from typing import Any
 from . import nvml
 from .devices import Device
 from .events import Event, MemorySample, PhaseSpan, RunEnded, UtilizationSample
+from .spans import shares
 
 UTILIZATION_EXPLAINED = (
     "GPU utilization, as NVML and nvidia-smi report it, is the share of the last sample "
@@ -39,7 +40,6 @@ UTILIZATION_EXPLAINED = (
     "spent computing (forward, backward, optimizer) rather than communicating or waiting, and "
     "CPU is the rank process's CPU use (100 % = one core)."
 )
-COMPUTE_PHASES = ("forward", "backward", "optimizer")
 WINDOW_S = 1.0
 """Steps whose spans arrived within this long are averaged: spans come from sampled steps
 only (about one per interval), so a single interval may hold none."""
@@ -155,11 +155,9 @@ class Sampler(threading.Thread):
 
 
 class BusyMeter:
-    """Each device's share of a step spent computing, over the recently sampled steps.
-
-    A step's wall time runs from its first span to its last on any device (the ranks
-    share one clock), so a device that waits for the others, or communicates, is busy
-    for less than the whole step."""
+    """Each device's share of a step spent computing, over the recently sampled steps
+    (core.spans' compute share): a device that waits for the others, or communicates, is
+    busy for less than the whole step."""
 
     def __init__(self, window_s: float = WINDOW_S) -> None:
         self.window_s = window_s
@@ -178,18 +176,7 @@ class BusyMeter:
             if self.last_seen is not None and now - self.last_seen > 3 * self.window_s:
                 return dict.fromkeys(self.last, 0.0)  # paused or stuck: nothing computes
             return dict(self.last)
-        steps: dict[int, list[PhaseSpan]] = {}
-        for _, s in self.spans:
-            steps.setdefault(s.step, []).append(s)
-        wall = sum(max(s.end_s for s in ss) - min(s.start_s for s in ss) for ss in steps.values())
-        compute: dict[int, float] = {}
-        for ss in steps.values():
-            for s in ss:
-                compute.setdefault(s.device, 0.0)
-                if s.phase in COMPUTE_PHASES:
-                    compute[s.device] += s.end_s - s.start_s
-        if wall > 0:
-            self.last.update({d: min(1.0, c / wall) for d, c in compute.items()})
+        self.last.update({d: computed for d, (computed, _) in shares(s for _, s in self.spans).items()})
         return dict(self.last)
 
 

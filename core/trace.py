@@ -28,13 +28,13 @@ from . import log, parallel, recorder
 from .clock import OpLog
 from .config import RunConfig
 from .devices import Device
-from .formula import chunk_len, meta_shapes
 from .gpus import gpu_models
 from .memory import MemoryLedger
 from .modes import mode
 from .predicted import DeviceEstimate, EstimateError
 from .recorder import Recorder
 from .schedule import ScheduleError, idle, schedule
+from .shapes import chunk_len, meta_shapes
 from .strategy import Probe, RankContext, RankJob, local_devices
 
 TRACE_STEPS = 2  # step 2 has what every later step has: last step's grads and the optimizer state
@@ -93,7 +93,7 @@ def _lay_out(logs: dict[int, list]) -> Any:
 def _modelled(tl: Any, device: int) -> dict[str, Any]:
     """One device's modelled step: its time, busy share and spans (phase, start, end)."""
     compute = tl.compute.get(device, [])
-    spans = [*compute, *(("idle", s, e) for s, e in idle(compute, tl.step_s)),
+    spans = [*compute, *(("idle", s, e) for s, e in idle(tl, device)),
              *(("communication", s, e) for _, s, e, _, _ in tl.comm.get(device, []))]
     return {"step_s": tl.step_s, "busy": tl.busy_share(device), **tl.comm_figures(device),
             "host_s": tl.host_s(device),

@@ -174,26 +174,20 @@ def layout_problems(cfg: RunConfig, n: int) -> list[str]:
     return out
 
 
-# The modes each lever runs in (the levers' own facts, beside the registry of modes).
-ACCUMULATES = ("single", "data-parallel", "model-parallel", "ddp", "fsdp", "tensor-parallel", "mesh")
-CHECKPOINTS = ("single", "model-parallel", "ddp", "pipeline", "fsdp", "tensor-parallel", "mesh")
-ZERO = {1: ("ddp",), 2: ("fsdp", "mesh"), 3: ("fsdp", "mesh")}
-
-
 def lever_problems(cfg: RunConfig, n: int) -> list[str]:
     """Gradient accumulation, activation checkpointing, the ZeRO stage and CPU offload against
     the mode, the model and the batch (bf16 runs in every mode)."""
     out: list[str] = []
-    t, p, mode = cfg.train, cfg.placement, cfg.mode
+    t, p, mode, known = cfg.train, cfg.placement, cfg.mode, REGISTRY[cfg.mode]
     k = t.grad_accumulation
     if k > 1:
-        if mode == "pipeline" or (mode == "mesh" and cfg.mesh.pp > 1):
+        if not known.accumulates or (mode == "mesh" and cfg.mesh.pp > 1):
             out.append("pipeline accumulates gradients over its micro-batches already; "
                        "raise train.micro_batches instead of train.grad_accumulation")
-        elif mode in ACCUMULATES:
-            per_device = (t.batch_size // n if REGISTRY[mode].batch_evenly
+        else:
+            per_device = (t.batch_size // n if known.batch_evenly
                           else t.batch_size // Plan.of(cfg, n).batch_ways if mode == "mesh" else t.batch_size)
-            where = f"each device's {per_device} samples" if REGISTRY[mode].batch_evenly else f"batch size {per_device}"
+            where = f"each device's {per_device} samples" if known.batch_evenly else f"batch size {per_device}"
             if per_device % k:
                 out.append(f"train.grad_accumulation {k} does not divide {where} into equal micro-batches; "
                            f"use a divisor of {per_device}")
@@ -204,13 +198,13 @@ def lever_problems(cfg: RunConfig, n: int) -> list[str]:
         if cfg.model.kind not in ("mlp", "transformer"):
             out.append(f"activation checkpointing recomputes blocks, and model {cfg.model.kind} has none; "
                        "use the mlp or the transformer")
-        elif mode not in CHECKPOINTS:
+        elif not known.checkpoints:
             out.append(f"{mode} cannot checkpoint activations: its replicas are made anew each step and gone "
                        "before backward could recompute with them; use ddp")
     if p.zero and mode == "mesh" and p.zero in (2, 3) and cfg.mesh.shard == 1:
         out.append(f"placement.zero {p.zero} chooses how FSDP shards, and this mesh has no shards; "
                    "set mesh.shard above 1")
-    elif p.zero and mode not in ZERO.get(p.zero, ()):
+    elif p.zero and p.zero not in known.zero:
         out.append({1: f"placement.zero 1 shards the optimizer state of ddp; {mode} is not ddp "
                        "(fsdp is ZeRO-2 or 3)",
                     2: f"placement.zero {p.zero} is fsdp's; {mode} does not shard parameters "

@@ -56,7 +56,7 @@ from ..core.config import (
 )
 from ..core.models import layer_names, split_layers
 from ..core.modes import MODES, REGISTRY
-from ..core.plan import AXES, Plan
+from ..core.plan import AXES, AXIS, Plan
 from .prediction import PredictionProcess
 
 # The form's own words for the config keys its fields set: a problem names what a person
@@ -69,8 +69,7 @@ FIELD_LABELS = {
     "train.lr": "Learning rate", "train.steps": "Steps", "seed": "Seed",
     "placement.split": "Which device holds which layers",
     "placement.reshard_after_forward": "Reshard after forward",
-    **{f"mesh.{axis}": label for axis, label in (("pp", "Pipeline stages"), ("dp", "Replicas"),
-                                                 ("shard", "Shards"), ("tp", "Tensor parallel"))},
+    **{f"mesh.{a.name}": a.label for a in AXIS.values()},
     "train.grad_accumulation": "Gradient accumulation", "train.activation_checkpointing": "Activation checkpointing",
     "train.precision": "Precision", "placement.zero": "ZeRO stage", "placement.cpu_offload": "CPU offload",
 }
@@ -279,7 +278,7 @@ class ConfigPanel(QWidget):
         self.mesh_box = QGroupBox("Devices per mesh axis")
         mf = QFormLayout(self.mesh_box)
         self._spins: dict[str, QSpinBox] = {}
-        for axis in ("pp", "dp", "shard", "tp"):
+        for axis in AXES:
             mf.addRow(f"{FIELD_LABELS[f'mesh.{axis}']} ({axis})", self._spin(f"mesh.{axis}", 1, 4096))
         self.mesh_product = QLabel(objectName="meshProduct", wordWrap=True)
         mf.addRow(self.mesh_product)
@@ -592,7 +591,7 @@ class ConfigPanel(QWidget):
         self.mesh_box.setVisible(mode == "mesh" and not all(f"mesh.{a}" in self._hidden for a in AXES))
         if mode == "mesh":
             self.mesh_product.setText(self._mesh_product(cfg))
-        zero = (mode in ("ddp", "fsdp") or (mode == "mesh" and cfg.mesh.shard > 1)) \
+        zero = bool(known and known.zero) and (mode != "mesh" or cfg.mesh.shard > 1) \
             and "placement.zero" not in self._hidden  # ZeRO-1 is ddp's, 2 and 3 FSDP's
         self.zero_label.setVisible(zero)
         # Offload is FSDP's; left enabled while ticked elsewhere, so it can be unticked.

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-import pyqtgraph.functions as fn
 from PySide6.QtCore import QEvent, QRectF, Qt, QTimer
 from PySide6.QtWidgets import (
     QCheckBox,
     QFrame,
-    QGraphicsItem,
     QHBoxLayout,
     QLabel,
     QScrollArea,
@@ -36,12 +34,10 @@ from ..core.events import CATEGORIES
 from ..core.telemetry import UTILIZATION_EXPLAINED
 from .buffers import MIB, RunData
 from .device_view import DeviceView
-from .plot_items import Markers, Placeholder
+from .memory_plot import MemoryPlot
+from .plot_items import Follow, Markers, Placeholder, line_curve, setup_plot
 from .style import (
-    CAPACITY_COLOR,
-    CATEGORY_COLORS,
     GHOST_COLOR,
-    PREDICTION_COLOR,
     device_color,
     legend_html,
 )
@@ -57,7 +53,6 @@ MEMORY_ROW_PX = 120
 SPLIT_SHARES = (0.21, 0.29, 0.27, 0.23)  # gauges, loss/rate/utilization, memory per device, timeline
 LEGEND_MAX_DEVICES = 8  # past this the colours repeat: a legend would only list them again
 PREMADE_SLOTS = 4
-LEFT_AXIS_PX = 56
 UTIL_SOURCES = {"nvml": "NVML: a kernel ran", "spans": "host: share of step computing", "cpu": "rank CPU",
                 "modelled": "modelled GPU: compute stream busy"}
 EMPTY = np.empty(0)
@@ -81,233 +76,6 @@ def rate_text(data: RunData) -> str:
     return f"{smoothed:,.0f} samples/s{per_token} (average {average:,.0f} samples/s)"
 
 
-def _setup_plot(plot: pg.PlotItem, title: str, x_label: str) -> None:
-    # No grid: pyqtgraph draws it as part of the axes, which then repaint with every curve.
-    # The x unit goes in the title: an axis label costs every plot a line of height.
-    plot.setTitle(f"{title} · x: {x_label}" if title else "", size="9pt")
-    plot.setClipToView(True)
-    plot.setDownsampling(auto=True, mode="peak")
-    for name in ("left", "bottom"):
-        # A changing curve exposes the axes next to it; from a pixmap cache they repaint
-        # as a copy instead of replaying every tick label (a third of a frame otherwise).
-        plot.getAxis(name).setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
-    # A fixed width: an axis that widens with its labels re-lays out every plot of the grid.
-    plot.getAxis("left").setWidth(LEFT_AXIS_PX)
-
-
-def _curve(plot: pg.PlotItem, color: str) -> pg.PlotDataItem:
-    # connect='all' + skipFiniteCheck: no per-frame scan for NaN (the data has none).
-    # Peak downsampling to one bin per pixel (pyqtgraph's default is five): each pixel
-    # column still gets its min and max, so the picture is the same at a fifth of the work.
-    # No dynamicRangeLimit: it scans all the data for its bounds on every frame, and the
-    # views here are fitted to the data anyway.
-    item = pg.PlotDataItem(pen=pg.mkPen(color, width=1), connect="all", skipFiniteCheck=True,
-                           clipToView=True, autoDownsample=True, downsampleMethod="peak",
-                           autoDownsampleFactor=1.0, dynamicRangeLimit=None)
-    plot.addItem(item)
-    return item
-
-
-class Follow:
-    """Keeps a plot's view on its data without re-ranging it every frame.
-
-    pyqtgraph's auto-range moves the view with every new point, and each move makes the
-    axes lay out and paint their ticks again: in a live run that was most of the GUI
-    thread's time.  Here an axis is refitted only when the data leaves it or fills less
-    than 40 % of it; x then gets room to grow to 1.5 times the data's span and y 10 %
-    margins, so a run's first minutes cost a dozen refits, not one per frame.
-    Zooming or panning by hand stops the following; the plot's "A" button resumes it."""
-
-    GROW = 1.5
-    FILL = 0.4
-
-    def __init__(self, plot: pg.PlotItem, y_fixed: tuple[float, float] | None = None) -> None:
-        self.vb = plot.getViewBox()
-        self.vb.disableAutoRange()
-        self.y_fixed = y_fixed
-        self.on = True
-        self.x: tuple[float, float] | None = None
-        self.y: tuple[float, float] | None = None
-        self._last: tuple[float, float, float, float] | None = None
-        self.vb.sigRangeChangedManually.connect(self._manual)
-        plot.autoBtn.clicked.connect(self._resume)
-
-    def _manual(self, *_) -> None:
-        self.on = False
-
-    def _resume(self) -> None:
-        self.vb.disableAutoRange()  # the button turned pyqtgraph's on; we follow instead
-        self.on, self.x, self.y = True, None, None
-        if self._last:
-            self.fit(*self._last)
-
-    def reset(self) -> None:
-        self.on, self.x, self.y, self._last = True, None, None, None
-
-    @classmethod
-    def _holds(cls, view: tuple[float, float] | None, lo: float, hi: float) -> bool:
-        return (view is not None and view[0] <= lo and hi <= view[1]
-                and hi - lo >= cls.FILL * (view[1] - view[0]))
-
-    def fit(self, x0: float, x1: float, y0: float, y1: float) -> None:
-        if not all(math.isfinite(v) for v in (x0, x1, y0, y1)):
-            return
-        if self.y_fixed:
-            y0, y1 = self.y_fixed
-        self._last = (x0, x1, y0, y1)
-        if not self.on:
-            return
-        change = {}
-        if not self._holds(self.x, x0, x1):
-            self.x = (x0, x0 + self.GROW * ((x1 - x0) or 1.0))
-            change["xRange"] = self.x
-        if not self._holds(self.y, y0, y1):
-            pad = 0.0 if self.y_fixed else 0.1 * ((y1 - y0) or abs(y1) or 1.0)
-            self.y = (y0 if y0 == 0 else y0 - pad, y1 + pad)
-            change["yRange"] = self.y
-        if change:
-            self.vb.setRange(padding=0, **change)
-
-
-class StackedArea(pg.GraphicsObject):
-    """Stacked areas (one per category) as one item, drawn as one polygon per band.
-
-    pyqtgraph fills under a curve in 50-point chunks, one fillPath each: with five
-    filled curves per device that was most of a frame.  This item does the same steps
-    a PlotDataItem does with clip-to-view and peak downsampling — keep the points in
-    view, reduce them to one bin per pixel column holding the bin's peak — for all
-    bands at once, then fills each band with a single drawPolygon."""
-
-    def __init__(self, colors: list[str]) -> None:
-        super().__init__()
-        self.brushes = [pg.mkBrush(c) for c in colors]
-        self.x = EMPTY
-        self.tops = np.empty((len(colors), 0))
-        self._polygons: list | None = None
-        self._bounds = QRectF()
-        self.top = 0.0
-
-    def setData(self, x: np.ndarray, tops: np.ndarray) -> None:  # noqa: N802 (pyqtgraph's name)
-        """x (n,) increasing; tops (bands, n): running sums, smallest first."""
-        self.prepareGeometryChange()
-        self.x, self.tops = x, tops
-        self._polygons = None
-        self.top = float(tops[-1].max()) if len(x) else 0.0
-        self._bounds = QRectF(float(x[0]), 0.0, float(x[-1] - x[0]), self.top) if len(x) else QRectF()
-        self.informViewBoundsChanged()
-        self.update()
-
-    def viewRangeChanged(self) -> None:  # noqa: N802
-        self._polygons = None  # other points are in view, at another bin width
-        self.update()
-
-    def boundingRect(self) -> QRectF:  # noqa: N802
-        return self._bounds
-
-    def dataBounds(self, axis: int, frac: float = 1.0, orthoRange=None):  # noqa: N802
-        if not len(self.x):
-            return None
-        r = self._bounds
-        return (r.left(), r.right()) if axis == 0 else (0.0, r.bottom())
-
-    def _build(self) -> list:
-        x, tops = self.x, self.tops
-        view = self.getViewBox()
-        if view is not None and len(x) > 2:
-            left, right = view.viewRange()[0]
-            i0 = max(int(np.searchsorted(x, left)) - 1, 0)
-            i1 = min(int(np.searchsorted(x, right)) + 1, len(x))
-            x, tops = x[i0:i1], tops[:, i0:i1]
-            bins = max(int(view.width()), 1)
-            per_bin = len(x) // bins
-            if per_bin > 1:
-                n = len(x) // per_bin * per_bin
-                # Whole bins, then the newest samples as a last bin reaching the last x.
-                peaks = tops[:, :n].reshape(len(tops), -1, per_bin).max(axis=2)
-                x_bins = x[:n:per_bin]
-                if n < len(x):
-                    peaks = np.column_stack([peaks, tops[:, n:].max(axis=1)])
-                    x_bins = np.append(x_bins, x[n])
-                x = np.append(x_bins, x[-1])
-                tops = np.column_stack([peaks, peaks[:, -1]])
-        if len(x) < 2:
-            return []
-        polygons = []
-        xs = np.concatenate([x, x[-1:], x[:1]])
-        for top in tops:
-            poly = fn.create_qpolygonf(len(xs))
-            arr = fn.ndarray_from_qpolygonf(poly)
-            arr[:, 0] = xs
-            arr[:-2, 1] = top
-            arr[-2:, 1] = 0.0
-            polygons.append(poly)
-        return polygons
-
-    def paint(self, p, *args) -> None:
-        if self._polygons is None:
-            self._polygons = self._build()
-        p.setPen(Qt.PenStyle.NoPen)
-        for k in range(len(self._polygons) - 1, -1, -1):  # the largest sum at the back
-            p.setBrush(self.brushes[k])
-            p.drawPolygon(self._polygons[k])
-
-
-class MemoryPlot:
-    """One device's memory over time: the categories stacked, the capacity line and
-    the predicted peak as a dashed line."""
-
-    def __init__(self, plot: pg.PlotItem) -> None:
-        self.plot = plot
-        _setup_plot(plot, "", "s")
-        plot.setLabel("left", "MiB")
-        plot.getAxis("left").enableAutoSIPrefix(False)  # not "MiB (x0.001)": MiB it is
-        self.follow = Follow(plot)
-        self.area = StackedArea([CATEGORY_COLORS[c] for c in CATEGORIES])
-        plot.addItem(self.area)
-        self.capacity = pg.InfiniteLine(angle=0, pen=pg.mkPen(CAPACITY_COLOR, width=1))
-        self.predicted = pg.InfiniteLine(angle=0, pen=pg.mkPen(PREDICTION_COLOR, width=1, style=Qt.PenStyle.DashLine))
-        plot.addItem(self.capacity)
-        plot.addItem(self.predicted)
-        self.capacity.hide()
-        self.predicted.hide()
-        self.peak_mib: float | None = None
-        # The previous run's peak on this device (Run again with this change): a faint dashed
-        # line, so "the memory dropped" reads at a glance whatever each run's start-up took.
-        self.ghost = pg.InfiniteLine(angle=0, pen=pg.mkPen(GHOST_COLOR, width=2, style=Qt.PenStyle.DashLine))
-        plot.addItem(self.ghost)
-        self.ghost.hide()
-        self.ghost_mib: float | None = None
-
-    def set_ghost(self, peak_mib: float | None) -> None:
-        self.ghost_mib = peak_mib
-        self.ghost.setVisible(peak_mib is not None)
-        if peak_mib is not None:
-            self.ghost.setPos(peak_mib)
-
-    def set_prediction(self, peak_bytes: int | None) -> None:
-        self.peak_mib = None if peak_bytes is None else peak_bytes / MIB
-        self.predicted.setVisible(peak_bytes is not None)
-        if peak_bytes is not None:
-            self.predicted.setPos(self.peak_mib)
-
-    def draw(self, t: np.ndarray, tops: np.ndarray, capacity_bytes: int) -> None:
-        self.area.setData(t, tops)
-        if capacity_bytes:
-            self.capacity.setPos(capacity_bytes / MIB)
-            self.capacity.show()
-        if len(t):
-            # The view holds the curves and the prediction they are compared with; the
-            # capacity shows when near (it is often far above, and would squash them).
-            top = max(self.area.top, self.peak_mib or 0.0, self.ghost_mib or 0.0)
-            self.follow.fit(float(t[0]), float(t[-1]), 0.0, top)
-
-    def clear(self) -> None:
-        self.area.setData(EMPTY, np.empty((len(CATEGORIES), 0)))
-        self.capacity.hide()
-        self.follow.reset()
-        self.plot.getViewBox().setRange(xRange=(0.0, 1.0), yRange=(0.0, 1.0), padding=0)  # not the last run's
-
-
 class Dashboard(QWidget):
     """Gauges, loss, throughput, utilization, memory per device, timeline."""
 
@@ -323,13 +91,13 @@ class Dashboard(QWidget):
         self.timeline = Timeline()
         self.plots = pg.GraphicsLayoutWidget()
         self.loss_plot = self.plots.addPlot(row=0, col=0)
-        _setup_plot(self.loss_plot, "loss", "step")
-        self.loss_curve = _curve(self.loss_plot, device_color(0))
+        setup_plot(self.loss_plot, "loss", "step")
+        self.loss_curve = line_curve(self.loss_plot, device_color(0))
         self.rate_plot = self.plots.addPlot(row=0, col=1)
-        _setup_plot(self.rate_plot, "samples/s, smoothed", "s")
-        self.rate_curve = _curve(self.rate_plot, device_color(1))
+        setup_plot(self.rate_plot, "samples/s, smoothed", "s")
+        self.rate_curve = line_curve(self.rate_plot, device_color(1))
         self.util_plot = self.plots.addPlot(row=0, col=2)
-        _setup_plot(self.util_plot, "utilization %", "s")
+        setup_plot(self.util_plot, "utilization %", "s")
         self.util_plot.setToolTip(UTILIZATION_EXPLAINED)  # people misread NVML's number
         self.util_curves: list[pg.PlotDataItem] = []
         # Per-device memory plots scroll in their own view: rows of MEMORY_COLUMNS, each at
@@ -686,7 +454,7 @@ class Dashboard(QWidget):
         while len(self.mem_plots) < n:
             self.mem_plots.append(MemoryPlot(pg.PlotItem()))
         while len(self.util_curves) < n:
-            self.util_curves.append(_curve(self.util_plot, device_color(len(self.util_curves))))
+            self.util_curves.append(line_curve(self.util_plot, device_color(len(self.util_curves))))
         self._apply_palette()
 
     def _peak(self, device: int) -> int | None:

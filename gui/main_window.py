@@ -8,11 +8,8 @@ names the device; the window stays usable and the next run starts clean.
 
 from __future__ import annotations
 
-import csv
-import shutil
 import time
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QSettings, Qt, QTimer
@@ -22,7 +19,6 @@ from PySide6.QtWidgets import (
     QApplication,
     QDockWidget,
     QDoubleSpinBox,
-    QFileDialog,
     QFrame,
     QHBoxLayout,
     QLabel,
@@ -35,12 +31,13 @@ from PySide6.QtWidgets import (
 
 from ..core import checkpoint, presets
 from ..core.config import ConfigError, RunConfig
-from ..core.events import CATEGORIES, RunEnded, RunStarted, read_events, to_dict
+from ..core.events import RunEnded, RunStarted
 from .buffers import RunData
 from .compare_dialog import CompareDialog, SessionRun
 from .config_panel import ConfigPanel
 from .controller import RunController
 from .dashboard import Dashboard, rate_text
+from .files import Files
 from .lessons import LessonMode
 from .mesh_grid import preview_plan
 from .recordings import Recordings
@@ -49,9 +46,6 @@ from .welcome import Welcome
 
 THEMES = ("light", "dark")
 FAILURE_TITLES = {"oom": "Out of memory", "error": "A rank failed"}
-CSV_COLUMNS = ["event", "time_s", "step", "device", "loss", "samples_per_s", "lr", *CATEGORIES,
-               "peak_bytes", "capacity_bytes", "phase", "op", "start_s", "end_s", "clock", "name", "message_bytes",
-               "percent", "source", "status", "message", "steps", "param_count"]
 STOP_CLOSE_TIMEOUT_MS = 20_000
 
 
@@ -92,7 +86,7 @@ class Banner(QFrame):
         return self.label.text() if self.isVisible() else ""
 
 
-class MainWindow(Recordings, QMainWindow):
+class MainWindow(Files, Recordings, QMainWindow):
     def __init__(self, cfg: RunConfig | None = None, settings: QSettings | None = None) -> None:
         super().__init__()
         self.setWindowTitle("paralab")
@@ -519,81 +513,6 @@ class MainWindow(Recordings, QMainWindow):
         if self._closing:
             self.close()
 
-    # ---- files -----------------------------------------------------------------------------
-
-    def open_config(self, path: str | Path) -> bool:
-        try:
-            cfg = RunConfig.load(path)
-            beyond = self.panel.beyond_the_form(cfg)
-            if beyond:
-                raise ConfigError(beyond)
-            self.panel.set_config(cfg)
-            return True
-        except ConfigError as e:
-            self.banner.show_message(f"Bad config: {e}")
-            return False
-
-    def save_config(self, path: str | Path) -> bool:
-        cfg = self.panel.config()
-        if cfg is None:
-            self.banner.show_message("Cannot save: " + "; ".join(self.panel.problems()))
-            return False
-        try:
-            cfg.save(path)
-        except OSError as e:
-            self.banner.show_message(f"Cannot save {path}: {e.strerror or e}")
-            return False
-        return True
-
-    def export_events(self, path: str | Path, fmt: str) -> bool:
-        """The events of the current or last run, as JSONL (the run's own file) or CSV."""
-        src = self.controller.metrics_path
-        if src is None or not src.exists():
-            self.statusBar().showMessage("There are no events yet: start a run first.", 5000)
-            return False
-        try:
-            if fmt == "jsonl":
-                shutil.copyfile(src, path)
-            else:
-                with open(path, "w", newline="", encoding="utf-8") as f:
-                    w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-                    w.writeheader()
-                    for e in read_events(src):
-                        w.writerow(csv_row(e))
-        except OSError as e:
-            self.banner.show_message(f"Cannot write {path}: {e.strerror or e}")
-            return False
-        return True
-
-    def export_png(self, path: str | Path) -> bool:
-        try:
-            self.dashboard.export_png(str(path))
-        except OSError as e:
-            self.banner.show_message(f"Cannot write {path}: {e.strerror or e}")
-            return False
-        return True
-
-    def _open_config_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open config", "", "TOML config (*.toml);;All files (*)")
-        if path:
-            self.open_config(path)
-
-    def _save_config_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save config", "paralab.toml", "TOML config (*.toml)")
-        if path:
-            self.save_config(path)
-
-    def _export_png_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export plots", "paralab.png", "PNG image (*.png)")
-        if path:
-            self.export_png(path)
-
-    def _export_events_dialog(self, fmt: str) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export events", f"paralab-events.{fmt}",
-                                              f"{fmt.upper()} (*.{fmt})")
-        if path:
-            self.export_events(path, fmt)
-
     # ---- closing ---------------------------------------------------------------------------
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 (Qt's name)
@@ -630,21 +549,6 @@ def startup_text(progress: dict[str, int] | None) -> str:
     if progress["training"] < world:
         return f"Building the model on every rank: {progress['training']}/{world} ready"
     return "Running the first step…"
-
-
-def csv_row(event: Any) -> dict[str, Any]:
-    """One CSV row: memory bytes spread into one column per category.  Columns keep one
-    meaning each: `params` holds bytes, so the start's parameter count is `param_count`,
-    and a communication span's message size is `message_bytes`."""
-    row = to_dict(event)
-    if isinstance(event, RunStarted):
-        row["param_count"] = row.pop("params", None)
-    held = row.pop("bytes", None)
-    if isinstance(held, dict):
-        row.update(held)
-    elif held is not None:
-        row["message_bytes"] = held
-    return row
 
 
 def _palette(name: str, app: QApplication) -> QPalette:

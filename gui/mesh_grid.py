@@ -14,14 +14,8 @@ from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QWidget
 
 from ..core import devices
 from ..core.config import ConfigError, RunConfig
-from ..core.plan import AXES, Plan
+from ..core.plan import AXES, AXIS, Plan
 
-WHAT = {
-    "pp": "pipeline: each group is one pipeline, its stages passing activations forward and gradients back",
-    "dp": "replicas: each group holds the same shard and all-reduces its gradients",
-    "shard": "FSDP: each group shares out every parameter, all-gathering it to compute and reduce-scattering its gradients",
-    "tp": "tensor parallel: each group splits every block's weight matrices and all-reduces inside each block",
-}
 GROUP_COLORS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999")
 
 
@@ -112,5 +106,6 @@ class AxisPicker(QWidget):
 
     def _changed(self, *_: object) -> None:
         axis = self.combo.currentData() or ""
-        self.caption.setText(WHAT.get(axis, f"the mesh: {self._plan.describe()}" if self._plan else ""))
+        mesh = f"the mesh: {self._plan.describe()}" if self._plan else ""
+        self.caption.setText(AXIS[axis].groups if axis in AXIS else mesh)
         self.picked.emit(axis)

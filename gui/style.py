@@ -22,6 +22,7 @@ CATEGORY_COLORS: dict[str, str] = {
 PHASE_COLORS: dict[str, str] = {
     "forward": "#56B4E9",        # light blue
     "backward": "#D55E00",       # vermilion
+    "recompute": "#F4A582",      # pale vermilion: backward running a block's forward again
     "optimizer": "#009E73",      # green, as the optimizer's memory
     "communication": "#E6C700",  # yellow
     "idle": "#9A9A9A",           # grey: the bubble

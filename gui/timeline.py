@@ -26,11 +26,12 @@ from PySide6.QtWidgets import QCheckBox, QGraphicsItem, QHBoxLayout, QLabel, QVB
 
 from ..core.config import human_bytes
 from ..core.events import PHASES
+from ..core.spans import WORK, covered, ideal_bubble
 from .buffers import PHASE_INDEX, RunData
 from .plot_items import Placeholder
 from .style import PHASE_COLORS, legend_html
 
-BUSY = np.array([PHASE_INDEX[p] for p in ("forward", "backward", "optimizer", "communication")], dtype=float)
+BUSY = np.array([PHASE_INDEX[p] for p in WORK], dtype=float)  # core.spans: what idle is not
 ROW_HEIGHT = 0.7
 ROW_PX = 14
 MANY_DEVICES = 8  # past this, the idle shares are summarised instead of listed
@@ -48,22 +49,6 @@ class Window:
     """phase -> (x0 ms, width ms, row) of its bars."""
     idle: list[float | None] = field(default_factory=list)
     """Per device: idle share of the shown steps (None: the device recorded none of them)."""
-
-
-def bubble_formula(stages: int, micro_batches: int) -> float:
-    """GPipe's bubble: the share of a step each stage waits, (p − 1) / (m + p − 1)."""
-    return (stages - 1) / (micro_batches + stages - 1)
-
-
-def busy_time(starts: np.ndarray, ends: np.ndarray) -> float:
-    """Length of the union of intervals (overlapping spans count once)."""
-    if len(starts) == 0:
-        return 0.0
-    order = np.argsort(starts)
-    s, e = starts[order], np.maximum.accumulate(ends[order])
-    # A new run of overlapping spans begins where a start passes every end before it.
-    gaps = np.maximum(s[1:] - e[:-1], 0.0)
-    return float(e[-1] - s[0] - gaps.sum())
 
 
 def compute_window(data: RunData, n_steps: int = 2, gap: float = 0.04) -> Window:
@@ -99,7 +84,7 @@ def compute_window(data: RunData, n_steps: int = 2, gap: float = 0.04) -> Window
             parts[p][2].append(np.full(int(sel.sum()), float(i)))
         work = np.isin(phase, BUSY)
         window_s = float((hi - lo)[np.unique(k)].sum())
-        busy_s = sum(busy_time(start[work & (k == j)], end[work & (k == j)]) for j in np.unique(k))
+        busy_s = sum(covered(zip(start[work & (k == j)], end[work & (k == j)])) for j in np.unique(k))
         win.idle.append(max(0.0, 1.0 - busy_s / window_s) if window_s > 0 else None)
     win.bars = {p: tuple(np.concatenate(v) if v else np.empty(0) for v in parts[p]) for p in PHASES}
     return win
@@ -246,7 +231,7 @@ class Timeline(QWidget):
             p = len(data.devices)
             m = int(data.config.get("train", {}).get("micro_batches", 1))
             text += (f"  ·  pipeline bubble by formula (p−1)/(m+p−1) = ({p}−1)/({m}+{p}−1) = "
-                     f"{bubble_formula(p, m):.0%}")
+                     f"{ideal_bubble(p, m):.0%}")
         return text + figures
 
     def set_text_color(self, color: QColor) -> None:

@@ -2,7 +2,8 @@
 
 `apply_*(ctx)` takes the rank's context (config, devices, rank, ledger) and returns a
 Trainer: the function that runs one training step and the optimizers it steps (the API
-is core.strategy; what each mode is, core.modes).  The training loop around it (control,
+is core.strategy; what each mode is, core.modes).  `memory(rule)` is the mode's rule for the
+formula (core.formula): who holds which bytes, from the model's shapes (core.shapes).  The training loop around it (control,
 sampling, events) is the same for every mode and lives in `core.worker`.
 """
 
@@ -18,6 +19,7 @@ import torch
 from ..config import RunConfig, TrainConfig
 from ..models import loss_fn, stream_layers
 from ..modes import mode
+from ..shapes import Rule
 from ..strategy import Probe, RankContext, Trainer
 from .levers import autocast, micro_batches, scaled
 
@@ -38,6 +40,13 @@ def apply(ctx: RankContext) -> Trainer:
     """The Trainer of the config's mode: `apply_<module>(ctx)` from its own module."""
     module = mode(ctx.cfg.mode).module
     return getattr(importlib.import_module(f"{__name__}.{module}"), f"apply_{module}")(ctx)
+
+
+def memory(rule: Rule) -> list[dict[str, int]]:
+    """The formula's rule of the config's mode, `memory(rule)` from its own module: each
+    device's bytes by category, from the model's shapes (core.shapes)."""
+    module = mode(rule.cfg.mode).module
+    return importlib.import_module(f"{__name__}.{module}").memory(rule)
 
 
 def standard_step(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, probe: Probe,

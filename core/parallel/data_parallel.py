@@ -25,6 +25,7 @@ from torch.func import functional_call
 
 from ..data import make_dataset
 from ..models import build_model, loss_fn
+from ..shapes import Rule, peak
 from ..strategy import Trainer
 from . import learned_line, make_optimizer
 from .levers import autocast, micro_batches, scaled
@@ -237,3 +238,19 @@ def _optimizer_step(probe, ledger, optimizer, first, others) -> None:
     with probe.phase(first.index, "optimizer"):
         optimizer.step()
     _spans(probe, others, "idle", start)
+
+
+def memory(f: Rule) -> list[dict[str, int]]:
+    """The formula's rule.  Device 0: the module, its gradients and state, chunk 0 (a view
+    of the whole batch) and the gathered output; the others: a fresh replica and their
+    chunk, then after backward the replica's gradients.  The loss is taken on device 0:
+    what it saves is not on the others, the output is."""
+    sh, B = f.sh, f.batch
+    size = -(-B // f.n)  # torch.chunk's rule, as nn.DataParallel's scatter uses
+    chunk = [len(range(i, min(i + size, B))) for i in range(0, B, size)] + [0] * f.n
+    out = [f.device(f.total, chunk[0], other=(B - chunk[0]) * sh.io + B * sh.out[-1] + B * sh.unsaved)]
+    for k in range(1, f.n):
+        fwd = f.device(f.total, chunk[k], grads=0, other=chunk[k] * sh.out[-1], optimizer=0,
+                       acts=chunk[k] * (sum(sh.saved) - sh.loss))
+        out.append(peak(fwd, {**fwd, "grads": f.total, "activations": 0}))
+    return out

@@ -22,16 +22,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import make_dataset
 from ..models import build_model
+from ..shapes import Rule
 from ..strategy import Trainer
 from . import OPTIMIZER_CLASSES, learned_line, make_optimizer, standard_step
-from .levers import checkpoint_blocks, ledger_saved
+from .levers import checkpoint_blocks
 
 
 def apply_ddp(ctx) -> Trainer:
     cfg, device = ctx.cfg, ctx.local_devices[0]
     # Same seed on every rank, so every replica starts identical (DDP checks by broadcasting).
     model = build_model(cfg.model, cfg.seed).to(device.torch_device)
-    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ctx.ledger)
     ddp = DistributedDataParallel(model, device_ids=[device.gpu] if device.kind == "cuda" else None)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     if cfg.placement.zero == 1:
@@ -85,3 +86,14 @@ def apply_ddp(ctx) -> Trainer:
         return standard_step(cfg, ddp, optimizer, probe, d, x, y, sync=sync, held=held)
 
     return Trainer(step, [optimizer], learned_line(model), model=ddp)
+
+
+def memory(f: Rule) -> list[dict[str, int]]:
+    """The formula's rule: every device holds the whole model and its share of the batch.
+    DDP's buckets are one more flat copy of the gradients (other); with ZeRO-1
+    (placement.zero 1) each rank keeps the optimizer state of 1/n of the parameters."""
+    sh = f.sh
+    optimizer = f.state * f.total / f.n if f.cfg.placement.zero == 1 else None
+    acts = sh.fixed + f.per * sum(sh.saved) + f.slices
+    return [f.device(f.total, f.per, acts=acts, other=f.per * sh.unsaved + f.total, optimizer=optimizer)
+            for _ in range(f.n)]

@@ -47,9 +47,10 @@ except ImportError:  # older torch: train untimed
 
 from ..data import make_dataset
 from ..models import build_model
+from ..shapes import Rule
 from ..strategy import Trainer
 from . import make_optimizer, materialise, standard_step
-from .levers import checkpoint_blocks, ledger_saved
+from .levers import checkpoint_blocks
 
 # A Linear on a 3-D input returns a view of its 2-D matmul, so FSDP2 warns that an in-place
 # op on that output would skip its hook; paralab's models never modify a layer's output in
@@ -65,7 +66,7 @@ def apply_fsdp(ctx) -> Trainer:
     model = build_model(cfg.model, cfg.seed, device="meta")
     # Checkpointing inside FSDP, as torchtitan orders them: FSDP gathers a block's
     # parameters before its forward and again before its backward, which recomputes it.
-    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ctx.ledger)
     reshard = cfg.placement.reshards_after_forward()  # ZeRO-3, or ZeRO-2 (placement.zero)
     # bf16: FSDP gathers the parameters in bf16 and computes in bf16; the shards it keeps,
     # their gradients (reduce-scattered in fp32) and the optimizer state stay fp32.
@@ -164,3 +165,20 @@ class _CommTimer:
             torch.cuda.current_stream().synchronize()
         probe.span(self.device.index, "communication", start, perf_counter())
         return work
+
+
+def memory(f: Rule) -> list[dict[str, int]]:
+    """The formula's rule: each device holds 1/n of every parameter (dim 0, padded as FSDP
+    pads), its gradient and optimizer state, and its share of the batch.  The layer at work
+    is gathered twice over (the all-gather's buffer and the unsharded parameters); without
+    resharding every layer stays gathered until backward.  bf16: FSDP gathers bf16 copies
+    (half the bytes), no autocast copy.  Accumulating without gradient sync, every rank
+    keeps the whole unsharded gradients between micro-steps."""
+    sh, t = f.sh, f.cfg.train
+    shard = f.sharded(lambda name, shape: 0, pad=True)
+    largest, half = max(sh.params), 0.5 if t.precision == "bf16" else 1.0
+    gathered = half * (2 * largest if f.cfg.placement.reshards_after_forward() else f.total + largest)
+    gathered += f.total if t.grad_accumulation > 1 else 0
+    acts = sh.fixed + f.per * sum(sh.saved) + f.slices
+    return [f.device(shard[r], f.per, acts=acts, other=f.per * sh.unsaved, temps=gathered, autocast=False)
+            for r in range(f.n)]

@@ -15,7 +15,8 @@ gradient accumulation     the batch is cut into `grad_accumulation` micro-batche
 
 What the ledger sees: checkpointed blocks' inputs and the selectively kept matmul outputs
 are told to it as activations (autograd's saved-tensor hooks do not see them: checkpoint
-keeps them itself); what a block recomputes in backward lives only there (temporaries).
+keeps them itself); what a block recomputes in backward lives only there (temporaries),
+and its ops and time are the `recompute` phase (inside backward) on the timeline.
 """
 
 from __future__ import annotations
@@ -49,17 +50,32 @@ SAVED_OPS = {*MATMULS,
                if hasattr(_aten, name))}
 
 
-def checkpoint_blocks(model: nn.Module, how: str, saved: Callable[[torch.Tensor], None]) -> None:
+def checkpoint_blocks(model: nn.Module, how: str, ledger: Any) -> None:
     """Run every block of `model` under activation checkpointing (`how` = blocks or
-    selective; none leaves it alone).  `saved(t)` is told each tensor the checkpoint keeps
-    for backward (the ledger counts it as an activation).  The block's forward is wrapped in
-    place, so its parameters keep their names (tensor parallel's plan, FSDP's units and
-    materialise see the same module)."""
+    selective; none leaves it alone).  The ledger is told each tensor the checkpoint keeps
+    for backward (an activation), and the block's second run, inside backward, happens in
+    its `recompute` context.  The block's forward is wrapped in place, so its parameters
+    keep their names (tensor parallel's plan, FSDP's units and materialise see the same
+    module)."""
     if how == "none":
         return
+    saved = ledger_saved(ledger)
     for block in model.modules():
         if isinstance(block, BLOCKS):
-            block.forward = functools.partial(_checkpointed, block.forward, how, saved)
+            block.forward = functools.partial(_checkpointed, _again(block.forward, ledger), how, saved)
+
+
+def _again(forward: Callable, ledger: Any) -> Callable:
+    """The forward checkpoint runs: as itself in forward, as the recompute in backward."""
+
+    def run(*args: Any) -> Any:
+        device, phase = ledger.where()
+        if phase != "backward":
+            return forward(*args)
+        with ledger.recompute(device):
+            return forward(*args)
+
+    return run
 
 
 def _checkpointed(forward: Callable, how: str, saved: Callable, x: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ share into micro-batches, and the last stage's ranks report the loss.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -30,12 +31,13 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import parallelize_module
 
 from ..data import make_dataset
-from ..models import build_model, num_layers, split_layers
+from ..models import build_model, num_layers, split_layers, tensor_splits
 from ..plan import AXES, Plan
+from ..shapes import FLOAT, Rule, chunk_len, named_shapes, stage_layers, tensor_parallel_dims
 from ..strategy import Trainer
 from . import make_optimizer, materialise, standard_step
 from .fsdp import DefaultAllGather, _CommTimer, offload_policy, on_host
-from .levers import checkpoint_blocks, ledger_saved
+from .levers import checkpoint_blocks
 from .pipeline import pipelined
 from .tensor_parallel import tp_plan
 
@@ -55,7 +57,7 @@ def apply_mesh(ctx) -> Trainer:
         parallelize_module(model, mesh["tp"], tp_plan(cfg.model, layers))
     # 2b. activation checkpointing, around the split blocks (their recompute redoes the
     # tensor-parallel all-reduces), inside the FSDP units
-    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ctx.ledger)
     # 4 before 3: FSDP shards the values it is given, so each rank first copies in its own
     # tensor-parallel slice (never the whole layer beyond one at a time)
     materialise(model, cfg, device.torch_device, layers)
@@ -113,3 +115,45 @@ def apply_mesh(ctx) -> Trainer:
                              sync=sync if plan.batch_ways > 1 else None)
 
     return Trainer(step, [optimizer], model=model)
+
+
+def memory(f: Rule) -> list[dict[str, int]]:
+    """The formula's rule, rank by rank: its stage's layers (pp), each block's tp slice,
+    that sharded over `shard` (padded as FSDP pads), its share of the batch (dp × shard)
+    with the pipeline's micro-batches in flight; a block's split activations divided by tp."""
+    return [_rank_bytes(f, r) for r in range(f.n)]
+
+
+def _rank_bytes(f: Rule, rank: int) -> dict[str, int]:
+    cfg, sh, t = f.cfg, f.sh, f.cfg.train
+    plan = Plan.of(cfg, 0)
+    at = plan.coordinate(rank)
+    stage, ways = at["pp"], plan.batch_ways
+    layers = stage_layers(cfg, plan.pp)[stage]
+    params, largest, tp_dim = 0, 0, tensor_parallel_dims(cfg.model)
+    for name, shape in named_shapes(cfg.model):
+        if int(name.split(".")[0]) not in layers:
+            continue
+        dims = list(shape)
+        dim = tp_dim(name, shape) if plan.tp > 1 else None
+        if dim is not None and dim < len(dims):
+            dims[dim] = chunk_len(dims[dim], plan.tp, at["tp"])
+        whole = math.prod(dims) * FLOAT
+        largest = max(largest, whole) if ways > 1 else 0
+        if plan.shard > 1 and dims:  # FSDP pads dim 0 to a multiple of the shard count
+            whole = -(-dims[0] // plan.shard) * math.prod(dims[1:]) * FLOAT
+        params += whole
+    samples = t.batch_size / ways
+    m = t.micro_batches if plan.pp > 1 else 1
+    in_flight = samples if plan.pp == 1 or t.schedule == "gpipe" else min(m, plan.pp - stage) * samples / m
+    splits = tensor_splits(cfg.model)
+    here = sum(1 for s in splits if s.layers <= set(layers)) / max(len(splits), 1)
+    split = sh.split * here * (1 - 1 / plan.tp)
+    first, last = stage == 0, stage == plan.pp - 1
+    acts = in_flight * (sum(sh.saved[i] for i in layers) - split) + (sh.fixed if first or last else 0)
+    # FSDP over dp × shard gathers the layer at work twice over, or (ZeRO-2) keeps every
+    # layer gathered until backward.
+    reshards = cfg.placement.reshards_after_forward()
+    gathered = (2 * largest if reshards else params * plan.shard + largest) if ways > 1 else 0
+    other = in_flight * sh.unsaved if last else samples * sh.out[layers.stop - 1]
+    return f.device(params, in_flight, layers, acts=acts, other=other, temps=gathered)

@@ -19,9 +19,11 @@ import torch
 
 from ..data import Dataset, make_dataset
 from ..models import build_model, loss_fn, split_layers
+from ..shapes import Rule, stage_layers
+from ..spans import minus
 from ..strategy import Trainer
 from . import learned_line, make_optimizer
-from .levers import autocast, checkpoint_blocks, ledger_saved, micro_batches, scaled
+from .levers import autocast, checkpoint_blocks, micro_batches, scaled
 
 
 def apply_model_parallel(ctx) -> Trainer:
@@ -30,7 +32,7 @@ def apply_model_parallel(ctx) -> Trainer:
     model = build_model(cfg.model, cfg.seed)
     ranges = split_layers(len(model), len(devices), cfg.placement.split)
     parts = [model[r.start:r.stop].to(d.torch_device) for r, d in zip(ranges, devices)]
-    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ctx.ledger)
     whole = make_dataset(cfg.data, cfg.model, cfg.seed)
     data = Dataset(whole.inputs.to(first.torch_device), whole.targets.to(last.torch_device))
     # The seed's one optimizer, held as one per device: each device updates its own layers,
@@ -114,30 +116,16 @@ def _micro_step(cfg, parts, devices, probe, sent, busy, x, y, k: int, zero_grad)
 def _idle(probe, busy: dict[int, list[tuple[float, float]]]) -> None:
     """A device idles while another one works and it does not: it waits for its turn."""
     for device, own in busy.items():
-        others = sorted(iv for d, ivs in busy.items() if d != device for iv in ivs)
-        for start, end in _minus(_union(others), sorted(own)):
+        others = [iv for d, ivs in busy.items() if d != device for iv in ivs]
+        for start, end in minus(others, own):
             probe.span(device, "idle", start, end)
 
 
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[tuple[float, float]] = []
-    for a, b in intervals:
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
-
-
-def _minus(intervals: list[tuple[float, float]], holes: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def memory(f: Rule) -> list[dict[str, int]]:
+    """The formula's rule: each device its stage's layers and, for the whole batch, what
+    they save and the output it sends on."""
     out = []
-    for a, b in intervals:
-        for h0, h1 in holes:
-            if h1 <= a or h0 >= b:
-                continue
-            if h0 > a:
-                out.append((a, h0))
-            a = max(a, h1)
-        if b > a:
-            out.append((a, b))
+    for s, layers in enumerate(stage_layers(f.cfg, f.n)):
+        p, saved, sent, fixed = f.stage(layers, last=s == f.n - 1)
+        out.append(f.device(p, f.batch, layers, acts=f.batch * saved + fixed, other=f.batch * sent))
     return out

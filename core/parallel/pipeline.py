@@ -12,8 +12,6 @@ between, where the rank sits in send/recv waiting for a neighbour, become idle s
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
-from collections.abc import Iterable
 from time import perf_counter
 
 import torch
@@ -25,9 +23,11 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from ..data import make_dataset
 from ..models import build_model, loss_fn, num_layers, split_layers, stream_layers
+from ..shapes import Rule, peak, stage_layers
+from ..spans import gaps
 from ..strategy import Trainer
 from . import make_optimizer
-from .levers import autocast, checkpoint_blocks, ledger_saved
+from .levers import autocast, checkpoint_blocks
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -84,7 +84,7 @@ def apply_pipeline(ctx) -> Trainer:
     # draw the same values as build_model): a rank never holds the whole model.
     submod = nn.Sequential(*(layer for j, layer in stream_layers(cfg.model, cfg.seed) if j in layers))
     submod = submod.to(device.torch_device)
-    checkpoint_blocks(submod, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(submod, cfg.train.activation_checkpointing, ctx.ledger)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     return pipelined(ctx, submod, layers, rank, world, None, lambda i: data.batch(i, batch_size), data)
 
@@ -169,27 +169,26 @@ def _flow(model: nn.Module, data, layers: range, micro: int) -> tuple[torch.Tens
 
 def _spans(probe, device: int, compute: list[list], start: float, end: float) -> None:
     """Compute spans as timed, and every gap of the schedule between them as idle."""
-    t = start
-    for phase, s, e, resume in compute:
-        if s > t:
-            probe.span(device, "idle", t, s)
+    for phase, s, e, _ in compute:
         probe.span(device, phase, s, e)
-        t = resume
-    if end > t:
-        probe.span(device, "idle", t, end)
+    # A span's memory checkpoint (up to `resume`) is the probe's time, not a wait.
+    for s, e in gaps([(s, resume) for _, s, _, resume in compute], start, end):
+        probe.span(device, "idle", s, e)
 
-
-def bubble_fraction(spans: Iterable, device: int, step: int | None = None) -> float:
-    """The share of `device`'s pipeline time (its forward, backward and idle spans, of
-    one step or of every sampled step) that it sat idle; 0.0 without spans."""
-    time: dict[str, float] = defaultdict(float)
-    for s in spans:
-        if s.device == device and s.phase in ("forward", "backward", "idle") and step in (None, s.step):
-            time[s.phase] += s.end_s - s.start_s
-    total = sum(time.values())
-    return time["idle"] / total if total > 0 else 0.0
-
-
-def ideal_bubble(stages: int, micro_batches: int) -> float:
-    """GPipe's and 1F1B's bubble with equal stages and free communication: (p-1)/(m+p-1)."""
-    return (stages - 1) / (micro_batches + stages - 1)
+def memory(f: Rule) -> list[dict[str, int]]:
+    """The formula's rule: each device its stage's layers, with the micro-batches in flight
+    at the end of its last forward (GPipe: all of them; 1F1B: at most the stages from here
+    to the end) and a gradient buffer per micro-batch for what it sends on."""
+    t, sh, B, out = f.cfg.train, f.sh, f.batch, []
+    m = t.micro_batches
+    for s, layers in enumerate(stage_layers(f.cfg, f.n)):
+        last = s == f.n - 1
+        p, saved, _, fixed = f.stage(layers, last)
+        in_flight = B if t.schedule == "gpipe" else min(m, f.n - s) * B / m
+        buffers = 0 if last else B * sh.out[layers.stop - 1]
+        # zero_grad runs before the schedule: gradients exist mid-step only once a
+        # micro-batch's backward has run, which 1F1B does before the last forward.
+        grads = p if t.schedule == "1f1b" and m > f.n - s else 0
+        fwd = f.device(p, in_flight, layers, grads=grads, acts=in_flight * saved + fixed, other=buffers)
+        out.append(peak(fwd, f.device(p, 0, layers, acts=0, other=buffers)))
+    return out

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from ..data import make_dataset
 from ..models import build_model
+from ..shapes import Rule
 from ..strategy import Trainer
 from . import learned_line, make_optimizer, standard_step
-from .levers import checkpoint_blocks, ledger_saved
+from .levers import checkpoint_blocks
 
 
 def apply_single(ctx) -> Trainer:
     cfg, device = ctx.cfg, ctx.local_devices[0]
     model = build_model(cfg.model, cfg.seed).to(device.torch_device)
-    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ctx.ledger)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     optimizer = make_optimizer(model.parameters(), cfg.train)
     ctx.ledger.add_params(model.parameters(), device.index)
@@ -26,3 +27,8 @@ def apply_single(ctx) -> Trainer:
         return standard_step(cfg, model, optimizer, probe, d, x, y)
 
     return Trainer(step, [optimizer], learned_line(model), model=model)
+
+
+def memory(f: Rule) -> list[dict[str, int]]:
+    """The formula's rule: the whole model and the whole batch on the one device."""
+    return [f.device(f.total, f.batch, other=f.batch * f.sh.unsaved)]

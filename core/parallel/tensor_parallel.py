@@ -28,9 +28,10 @@ from torch.distributed.tensor.parallel import (
 from ..config import ModelConfig
 from ..data import make_dataset
 from ..models import build_model, tensor_splits
+from ..shapes import Rule, tensor_parallel_dims
 from ..strategy import Trainer
 from . import make_optimizer, materialise, standard_step
-from .levers import checkpoint_blocks, ledger_saved
+from .levers import checkpoint_blocks
 
 
 def tp_plan(cfg: ModelConfig, layers: range) -> dict[str, ParallelStyle]:
@@ -56,7 +57,7 @@ def apply_tensor_parallel(ctx) -> Trainer:
     parallelize_module(model, mesh, tp_plan(cfg.model, range(len(model))))
     # After the split, as torchtitan orders them: a checkpointed block recomputes its
     # sharded matmuls and their all-reduces in backward.
-    checkpoint_blocks(model, cfg.train.activation_checkpointing, ledger_saved(ctx.ledger))
+    checkpoint_blocks(model, cfg.train.activation_checkpointing, ctx.ledger)
     materialise(model, cfg, device.torch_device)
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     optimizer = make_optimizer(model.parameters(), cfg.train)
@@ -70,3 +71,12 @@ def apply_tensor_parallel(ctx) -> Trainer:
         return standard_step(cfg, model, optimizer, probe, d, x, y)
 
     return Trainer(step, [optimizer], model=model)
+
+
+def memory(f: Rule) -> list[dict[str, int]]:
+    """The formula's rule: each weight matrix models.tensor_splits names is cut in n (the
+    rest whole), the whole batch on every device, and the activations inside the split
+    blocks divided by n."""
+    shard = f.sharded(tensor_parallel_dims(f.cfg.model))
+    acts = f.whole - f.batch * f.sh.split * (1 - 1 / f.n)
+    return [f.device(shard[r], f.batch, acts=acts, other=f.batch * f.sh.unsaved) for r in range(f.n)]

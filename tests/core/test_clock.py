@@ -17,7 +17,7 @@ from paralab.core.config import RunConfig
 from paralab.core.events import PhaseSpan, RunStarted, StepDone, UtilizationSample
 from paralab.core.gpus import gpu_models
 from paralab.core.models import build_model, count_params
-from paralab.core.parallel.pipeline import ideal_bubble
+from paralab.core.spans import bubble, ideal_bubble
 
 from tests.helpers import ended, run_events
 
@@ -126,11 +126,8 @@ def test_ddp_all_reduces_the_gradients_while_backward_runs():
 
 def idle_shares(spans: dict[int, list[tuple[str, float, float]]]) -> list[float]:
     """Each device's idle share of the step's forward/backward window."""
-    work = [(d, s, e) for d, sp in spans.items() for ph, s, e in sp if ph in ("forward", "backward")]
-    start = min(s for _, s, _ in work)
-    end = max(e for _, _, e in work)
-    busy = [sum(min(e, end) - max(s, start) for dd, s, e in work if dd == d) for d in sorted(spans)]
-    return [1 - b / (end - start) for b in busy]
+    shares = bubble(PhaseSpan(d, ph, s, e, 0) for d, sp in spans.items() for ph, s, e in sp)
+    return [shares[d] for d in sorted(spans)]
 
 
 @pytest.mark.slow

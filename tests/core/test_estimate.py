@@ -265,3 +265,16 @@ def test_the_estimate_times_the_step_as_the_run_will(mode, no_leftover_ranks):
         assert 0 < d.modelled["busy"] <= 1
         assert {p for p, _, _ in d.modelled["spans"]} >= {"forward", "backward", "optimizer"}
     assert "modelled step:" in predicted.table() and "H100 SXM" in predicted.table()
+
+
+def test_every_mode_in_the_registry_has_its_runtime_and_its_formula_rule():
+    """A mode is its registry row plus its own module: the rank runs `apply_<module>`, the
+    formula asks `memory(rule)` — nothing else has to learn the new name."""
+    import importlib
+
+    from paralab.core.modes import REGISTRY
+
+    for m in REGISTRY.values():
+        module = importlib.import_module(f"paralab.core.parallel.{m.module}")
+        assert callable(getattr(module, f"apply_{m.module}", None)), m.name
+        assert callable(getattr(module, "memory", None)), m.name

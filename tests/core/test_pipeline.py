@@ -8,8 +8,8 @@ from paralab.core import validation
 from paralab.core.config import ConfigError, RunConfig
 from paralab.core.events import PhaseSpan
 from paralab.core.models import build_model, num_layers, split_layers
-from paralab.core.parallel.pipeline import bubble_fraction, ideal_bubble
 from paralab.core.run import Run
+from paralab.core.spans import bubble, ideal_bubble
 
 from tests.helpers import adam_state_bytes, ended, losses, memory_by_device, run_events
 
@@ -95,7 +95,7 @@ def test_spans_show_every_micro_batch_and_the_bubble(schedule, no_leftover_ranks
             elif device == 0:
                 # 1F1B with m > p: the first stage starts a backward before its last forward.
                 assert backwards[0].start_s < forwards[-1].start_s
-        assert 0 < bubble_fraction([s for ss in by_step.values() for s in ss], device) < 1
+        assert 0 < bubble([s for ss in by_step.values() for s in ss])[device] < 1
 
 
 @pytest.mark.parametrize("model", ["mlp", "transformer"])
@@ -121,14 +121,14 @@ def test_gpipe_keeps_more_micro_batches_alive_than_1f1b(model, no_leftover_ranks
         assert gpipe.bytes["activations"] == one_f_one_b.bytes["activations"]
 
 
-def test_bubble_fraction_is_the_idle_share():
+def test_the_bubble_is_the_idle_share_of_the_forward_backward_window():
     spans = [PhaseSpan(0, "forward", 0.0, 1.0, 1), PhaseSpan(0, "idle", 1.0, 2.0, 1),
              PhaseSpan(0, "backward", 2.0, 4.0, 1), PhaseSpan(0, "optimizer", 4.0, 9.0, 1),
              PhaseSpan(1, "idle", 0.0, 4.0, 1), PhaseSpan(0, "forward", 10.0, 14.0, 2)]
-    assert bubble_fraction(spans, 0, step=1) == pytest.approx(0.25)
-    assert bubble_fraction(spans, 0) == pytest.approx(1 / 8)
-    assert bubble_fraction(spans, 1) == 1.0
-    assert bubble_fraction(spans, 2) == 0.0
+    assert bubble([s for s in spans if s.step == 1])[0] == pytest.approx(0.25)
+    assert bubble(spans)[0] == pytest.approx(1 / 8)
+    assert bubble(spans)[1] == 1.0  # idle all of step 1, the only step it has spans in
+    assert 2 not in bubble(spans)
     assert ideal_bubble(2, 4) == pytest.approx(0.2)
     assert ideal_bubble(4, 4) == pytest.approx(3 / 7)
 

@@ -199,7 +199,7 @@ def test_dashboard_reuses_its_items_across_runs(dashboard):
 
 
 def test_stacked_memory_keeps_peaks_when_downsampled(dashboard):
-    from paralab.gui.dashboard import StackedArea
+    from paralab.gui.memory_plot import StackedArea
     from pyqtgraph import functions as fn
 
     data = RunData(memory_capacity=100_000)
@@ -352,7 +352,8 @@ def gpipe_spans(step, t0, p, m, unit=0.001):
 
 
 def test_timeline_idle_share_matches_the_gpipe_bubble(qtbot):
-    from paralab.gui.timeline import Timeline, bubble_formula, busy_time
+    from paralab.core.spans import covered, ideal_bubble
+    from paralab.gui.timeline import Timeline
 
     timeline = Timeline(n_steps=1)
     qtbot.addWidget(timeline)
@@ -360,13 +361,13 @@ def test_timeline_idle_share_matches_the_gpipe_bubble(qtbot):
     data.add([start(3, mode="pipeline", micro_batches=4)])
     data.add(gpipe_spans(7, 10.0, p=3, m=4))
     assert timeline.refresh(data)
-    assert bubble_formula(3, 4) == pytest.approx(2 / 6)
+    assert ideal_bubble(3, 4) == pytest.approx(2 / 6)
     assert timeline.window.steps == [7]
     assert timeline.window.idle == pytest.approx([2 / 6] * 3)
     assert "33%" in timeline.info.text() and "(3−1)/(4+3−1)" in timeline.info.text()
     x0, width, row = timeline.window.bars["forward"]
     assert len(x0) == 12 and width == pytest.approx([1.0] * 12)  # ms
-    assert busy_time(np.array([0.0, 1.0, 5.0]), np.array([2.0, 3.0, 6.0])) == 4.0
+    assert covered(zip(np.array([0.0, 1.0, 5.0]), np.array([2.0, 3.0, 6.0]))) == 4.0
 
 
 def test_timeline_counts_gaps_and_idle_spans_and_skips_unsampled_devices(qtbot):
