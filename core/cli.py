@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None,
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .events import RunEnded, RunStarted, StepDone
+    from .events import MemorySample, RunEnded, RunStarted, StepDone
     from .run import Run, prewarm
 
     listen = args.listen
@@ -173,10 +173,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     progress = Progress(cfg, sys.stdout, quiet=args.quiet)
     ended: RunEnded | None = None
+    host: dict[int, int] = {}  # placement.cpu_offload: each device's highest host bytes
     try:
         for event in run.events():
             if isinstance(event, StepDone):
                 progress.step(event)
+            elif isinstance(event, MemorySample) and event.host:
+                host[event.device] = max(host.get(event.device, 0), sum(event.host.values()))
             elif isinstance(event, RunStarted):
                 progress.start(event)
             elif isinstance(event, RunEnded):
@@ -188,6 +191,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.signal(s, handler)
     progress.close()
     code = _report(ended, signals["code"], args.metrics)
+    if host:
+        print("paralab: offloaded to host: " + ", ".join(f"device {d} {human_bytes(b)}" for d, b in sorted(host.items())),
+              file=sys.stderr)
     if run.events_problem and (ended is None or run.events_problem not in ended.message):
         print(f"paralab: {run.events_problem}", file=sys.stderr)  # noticed only as the file closed
         return EXIT_FAILED if code == EXIT_OK else code

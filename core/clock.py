@@ -7,6 +7,11 @@ duration from its real shapes, and each collective one from its real message siz
                  all-reduce 2(n-1)/n * S/B + 2(n-1) * a; all-gather and reduce-scatter
                  (n-1)/n * S/B + (n-1) * a; send/recv S/B + a; a copy between two devices
                  of one process S/B + a
+  CPU offload    each all-gather is preceded by the shard's host-to-device copy and each
+                 reduce-scatter followed by its output's device-to-host copy, at the GPU
+                 model's PCIe rate (S/pcie + launch); the optimizer step runs on the host,
+                 off the GPU's streams, modelled at HOST_GBS (bytes it moves / rate + a
+                 fixed cost per op): the GPU idles meanwhile
 
 OpLog is the recorder's second listener (core.recorder): it writes down what each device
 did, in program order, with what it read and wrote; core.schedule lays those lists out
@@ -45,9 +50,18 @@ NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_str
              "_local_scalar_dense"}
 
 
+# CPU offload's optimizer step on the host: torch's CPU kernels are memory-bound there.
+# 20 GB/s is a modelled figure (what a few cores' elementwise kernels reach over DDR
+# memory, a fraction of a socket's peak), and 5 us a CPU op's dispatch cost.
+HOST_GBS = 20.0
+HOST_OP_US = 5.0
+FLOAT = 4  # the shards FSDP offloads are float32 master weights (bf16 gathers a cast of them)
+
+
 @dataclass(slots=True)
 class Op:
-    """What one device did: compute (kind 'compute') or a transfer ('comm')."""
+    """What one device did: compute (kind 'compute'), a transfer ('comm'), or its host's
+    work on its behalf ('host': CPU offload's optimizer step)."""
 
     device: int
     phase: str
@@ -87,8 +101,10 @@ def bus_factor(kind: str, n: int) -> float:
 class OpLog:
     """Listens to the recorder: each operation as an Op with its modelled duration."""
 
-    def __init__(self, gpu: GpuModel, where: Any, tf32: bool = False) -> None:
+    def __init__(self, gpu: GpuModel, where: Any, tf32: bool = False, offload: bool = False) -> None:
         self.gpu, self.where, self.tf32 = gpu, where, tf32
+        self.offload = offload
+        """placement.cpu_offload: host<->device copies around FSDP's collectives, the optimizer on the host."""
         self.ops: list[Op] = []
 
     def __call__(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
@@ -99,7 +115,7 @@ class OpLog:
         writes = tuple(id(s) for t in outs if (s := _storage(t)) is not None)
         kind = COLLECTIVES.get(name)
         if kind is not None and func.namespace in ("c10d", "_c10d_functional"):
-            self._collective(device, phase, kind, args, ins, reads)
+            self._collective(device, phase, kind, args, ins, reads, outs)
             return
         # prim ops (a tensor's device, layout...) reach the recorder under fake tensors only.
         if name in NO_KERNEL or func.namespace == "prim" or (func.is_view and outs):
@@ -111,13 +127,18 @@ class OpLog:
             seconds = collective_seconds("copy", moved / 2, 2, self.gpu)
             self.ops.append(Op(device, phase, "comm", seconds, reads, writes, "copy", moved // 2))
             return
+        if self.offload and phase == "optimizer":  # the host steps; no GPU kernel
+            seconds = moved / (HOST_GBS * 1e9) + HOST_OP_US * 1e-6
+            self.ops.append(Op(device, phase, "host", seconds, reads, writes, name, moved))
+            return
         flops = _flops(func, args, kwargs, out)
         dtype = outs[0].dtype if outs else torch.float32
         seconds = max(flops / self.gpu.peak_flops(dtype, self.tf32), moved / (self.gpu.memory_bandwidth_gbs * 1e9))
         self.ops.append(Op(device, phase, "compute", seconds + self.gpu.launch_us * 1e-6, reads, writes,
                            name, moved, flops))
 
-    def _collective(self, device: int, phase: str, kind: str, args: Any, ins: list, reads: tuple) -> None:
+    def _collective(self, device: int, phase: str, kind: str, args: Any, ins: list, reads: tuple,
+                    outs: list) -> None:
         pg = next((a for a in tree_leaves(args) if isinstance(a, torch.ScriptObject)), None)
         members, name = _group(pg, args)
         tensors = ins if kind not in ("all-gather",) else ins[-1:]  # the input shard, not the output
@@ -130,9 +151,20 @@ class OpLog:
             me = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             name = f"{me}->{peer}" if kind == "send" else f"{peer}->{me}"
         seconds = collective_seconds(kind, nbytes, len(members), self.gpu)
+        if self.offload and kind == "all-gather" and ins:  # the shard comes from the host first
+            self._pcie("host-to-device", device, ins[-1], ins[-1].numel() * FLOAT)
         # The collective writes into its tensors (all in place in c10d): work that reads them waits.
         self.ops.append(Op(device, "communication", "comm", seconds, reads, reads, kind, nbytes,
                            group=name, members=tuple(members)))
+        if self.offload and kind == "reduce-scatter" and outs:  # the gradient shard goes to the host
+            self._pcie("device-to-host", device, outs[0], outs[0].numel() * outs[0].element_size())
+
+    def _pcie(self, name: str, device: int, t: torch.Tensor, nbytes: int) -> None:
+        """A copy between the device and its host, on the copy stream; what reads `t` waits for it."""
+        s = _storage(t)
+        touched = (id(s),) if s is not None else ()
+        seconds = nbytes / (self.gpu.pcie_gbs * 1e9) + self.gpu.launch_us * 1e-6
+        self.ops.append(Op(device, "communication", "comm", seconds, touched, touched, name, nbytes))
 
 
 def _group(pg: Any, args: Any) -> tuple[list[int], str]:

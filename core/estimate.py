@@ -74,7 +74,9 @@ class Estimate:
                            for i, (v, w) in enumerate(zip(r, widths))).rstrip() for r in (cols, *rows)]
         verdict = ("every device fits" if self.fits
                    else "won't fit: " + ", ".join(d.label for d in self.devices if not d.fits))
-        return "\n".join([*lines, "", verdict, *self.time_lines(), *(f"note: {n}" for n in self.notes)])
+        host = ", ".join(f"{d.label} {human_bytes(sum(d.host.values()))}" for d in self.devices if d.host)
+        offloaded = [f"offloaded to host (placement.cpu_offload, not in the peaks above): {host}"] if host else []
+        return "\n".join([*lines, "", verdict, *offloaded, *self.time_lines(), *(f"note: {n}" for n in self.notes)])
 
     def time_lines(self) -> list[str]:
         """The traced step on the GPU model: its time and each device's busy share."""

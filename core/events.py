@@ -71,6 +71,11 @@ class MemorySample:
     """Simulated devices: the operation whose allocation reached it (e.g. 'mm')."""
     extra: dict[str, int] = field(default_factory=dict)
     """CUDA only: reserved, non_torch (NVML used - reserved)."""
+    host: dict[str, int] = field(default_factory=dict)
+    """placement.cpu_offload: what this device keeps in host memory instead (its parameter
+    shards, their gradients, the optimizer state, the optimizer step's scratch), by the same
+    categories, at the host's highest this step; not in `bytes` or `peak_bytes`.  Empty when
+    nothing is offloaded."""
 
 
 @dataclass(slots=True)

@@ -5,7 +5,7 @@ person's own in ~/.config/paralab/gpus.toml, in the same form."""
 from __future__ import annotations
 
 import importlib.resources
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ class GpuModel:
     link_gbs: float
     link_latency_us: float
     source: str = ""
+    pcie_gbs: float = 32.0
+    """Host <-> GPU copies (CPU offload), GB/s per direction: the PCIe link's theoretical
+    rate (4.0 x16 when a model does not say)."""
 
     def peak_flops(self, dtype: Any, tf32: bool = False) -> float:
         """Peak FLOP/s for a torch dtype (named, so this module needs no torch)."""
@@ -51,5 +54,6 @@ def gpu_models() -> dict[str, GpuModel]:
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
             pass  # validation names the problem; the shipped models still work
     names = {f.name for f in fields(GpuModel)} - {"name"}
+    required = {f.name for f in fields(GpuModel) if f.default is MISSING} - {"name"}
     return {name: GpuModel(name=name, **{k: v for k, v in t.items() if k in names})
-            for name, t in tables.items() if isinstance(t, dict) and names - {"source"} <= set(t)}
+            for name, t in tables.items() if isinstance(t, dict) and required <= set(t)}

@@ -19,6 +19,14 @@ says what each byte was.
 
 On CUDA the allocator is the truth: the categories are read from the tensors at phase
 ends, and whatever else it holds at that same instant counts as `other`.
+
+The host (placement.cpu_offload): FSDP can keep a device's parameter shards, their
+gradients and the optimizer state in host memory and step there.  Those bytes leave the
+device (its total, its capacity check, its categories) and are counted apart, by the same
+categories, as the device's `host` bytes.  On a simulated device host and device are the
+same CPU memory, so the ledger is told what is the host's: the shards and the optimizer
+state, whatever the optimizer step allocates, and each gradient from the moment FSDP hands
+it over (`to_host`, where a GPU would copy it out).  On CUDA they are CPU tensors.
 """
 
 from __future__ import annotations
@@ -83,11 +91,20 @@ def _is_parameter(t: torch.Tensor) -> bool:
 class _Block:
     """One allocation: a storage's bytes from `born` to `died` (sequence numbers)."""
 
-    __slots__ = ("device", "nbytes", "kind", "key", "born", "died")
+    __slots__ = ("device", "nbytes", "kind", "key", "born", "died", "host_from")
 
     def __init__(self, device: int, nbytes: int, kind: str | None, key: int, born: int) -> None:
         self.device, self.nbytes, self.kind, self.key, self.born = device, nbytes, kind, key, born
         self.died: int | None = None
+        self.host_from: int | None = None
+        """From this sequence number on the block is in host memory (CPU offload), off the device."""
+
+    def on_device(self, seq: int) -> bool:
+        return self.born <= seq and (self.died is None or self.died > seq) and \
+            (self.host_from is None or self.host_from > seq)
+
+    def on_host(self, seq: int) -> bool:
+        return self.host_from is not None and self.host_from <= seq and (self.died is None or self.died > seq)
 
 
 class MemoryLedger:
@@ -114,6 +131,10 @@ class MemoryLedger:
         self._oom: tuple[_Block, str, str] | None = None
         self._cuda: dict[int, tuple[int, dict[str, int], str]] = {}
         self.recording_allocations = False
+        self.offloaded: set[int] = set()
+        """Devices whose params, grads and optimizer state are host memory (CPU offload)."""
+        self._host: dict[int, int] = dict.fromkeys(self.devices, 0)
+        self._host_peak: dict[int, tuple[int, int]] = {}
 
     # ---- what lives where ---------------------------------------------------------------------
 
@@ -129,6 +150,11 @@ class MemoryLedger:
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizers.append(optimizer)
+
+    def offload(self, device: int) -> None:
+        """This device's params, grads and optimizer state live in host memory, and its
+        optimizer step runs there (FSDP's CPUOffloadPolicy)."""
+        self.offloaded.add(device)
 
     def set_other(self, device: int, tensors: Iterable[Any]) -> None:
         """Name tensors of this step that are neither params nor saved activations (batch,
@@ -152,33 +178,55 @@ class MemoryLedger:
         self._seq = 0
         self._oom = None
         self._cuda.clear()
+        self._host = dict.fromkeys(self.devices, 0)
+        self._host_peak = {}
         for d in self.devices:
             self._step_peak[d] = (0, 0, "", "")
+            host = d in self.offloaded
             for p in self._params[d]:
-                self.track(p, d, "params")
-                self.track(p.grad, d, "grads")
+                self.track(p, d, "params", host=host)
+                self.track(p.grad, d, "grads", host=host)
             for t in self._optimizer_state(d):
-                self.track(t, d, "optimizer")
+                self.track(t, d, "optimizer", host=host)
 
     def track(self, t: torch.Tensor | None, device: int, kind: str | None,
-              keep_activation: bool = False) -> None:
-        """Count t's storage on `device` from now (if not counted yet) as `kind`."""
+              keep_activation: bool = False, host: bool = False) -> None:
+        """Count t's storage on `device` (or in its host memory) from now, if not counted
+        yet, as `kind`."""
         if t is None or (s := storage_of(t)) is None:
             return
         got = self._live.get(id(s))
         if got is None:
-            self.allocated(s, device, kind)
+            self.allocated(s, device, kind, host=host)
             return
         block = got[1]
         if kind is not None and not (keep_activation and block.kind == "activations"):
             block.kind = kind
         if block.device != device:  # made while another device was at work (a batch, a copy)
-            self._total[block.device] -= block.nbytes
-            self._total[device] += block.nbytes
+            totals = self._total if block.host_from is None else self._host
+            totals[block.device] -= block.nbytes
+            totals[device] += block.nbytes
             block.device = device
 
-    def allocated(self, storage: torch.UntypedStorage, device: int | None = None, kind: str | None = None) -> None:
-        """A storage that did not exist before (or was resized): count it on its device."""
+    def to_host(self, t: torch.Tensor | None, device: int) -> None:
+        """t's storage leaves `device` for its host memory (CPU offload's copy to the host)."""
+        if not self.recording_allocations or t is None or (s := storage_of(t)) is None:
+            return
+        got = self._live.get(id(s))
+        if got is None:
+            self.allocated(s, device, None, host=True)
+            return
+        block = got[1]
+        if block.host_from is None:
+            self._seq += 1
+            block.host_from = self._seq
+            self._total[block.device] -= block.nbytes
+            self._add_host(block)
+
+    def allocated(self, storage: torch.UntypedStorage, device: int | None = None, kind: str | None = None,
+                  host: bool = False) -> None:
+        """A storage that did not exist before (or was resized): count it on its device, or
+        in its host memory (`host`; and all that an offloaded device's optimizer step makes)."""
         key = id(storage)
         if key in self._live:
             self._free(key)
@@ -191,12 +239,21 @@ class MemoryLedger:
         block = _Block(device, nbytes, kind, key, self._seq)
         self._live[key] = (weakref.ref(storage, lambda _r, k=key, b=block: self._freed(k, b)), block)
         self._blocks.append(block)
+        if host or (device in self.offloaded and self.where()[1] == "optimizer"):
+            block.host_from = self._seq
+            self._add_host(block)
+            return
         total = self._total[device] = self._total[device] + nbytes
         if total > self._step_peak[device][0]:
             self._step_peak[device] = (total, self._seq, self.where()[1], self.op)
             dev = self.devices[device]
             if dev.kind == "sim" and total > dev.capacity_bytes and self._oom is None:
                 self._oom = (block, self.where()[1], self.op)
+
+    def _add_host(self, block: _Block) -> None:
+        total = self._host[block.device] = self._host[block.device] + block.nbytes
+        if total > self._host_peak.get(block.device, (0, 0))[0]:
+            self._host_peak[block.device] = (total, self._seq)
 
     def resized(self, storage: torch.UntypedStorage) -> None:
         """FSDP allocates and frees its gathered parameters by resizing their storages."""
@@ -217,7 +274,7 @@ class MemoryLedger:
             return
         self._seq += 1
         block.died = self._seq
-        self._total[block.device] -= block.nbytes
+        (self._total if block.host_from is None else self._host)[block.device] -= block.nbytes
         got = self._live.get(key)
         if got is not None and got[1] is block:
             del self._live[key]
@@ -268,7 +325,15 @@ class MemoryLedger:
         grads, state = self._settled()
         out = dict.fromkeys(CATEGORIES, 0)
         for b in self._blocks:
-            if b.device == device and b.born <= seq and (b.died is None or b.died > seq):
+            if b.device == device and b.on_device(seq):
+                out[self._category(b, grads, state)] += b.nbytes
+        return out
+
+    def _host_breakdown_at(self, device: int, seq: int) -> dict[str, int]:
+        grads, state = self._settled()
+        out = dict.fromkeys(CATEGORIES, 0)
+        for b in self._blocks:
+            if b.device == device and b.on_host(seq):
                 out[self._category(b, grads, state)] += b.nbytes
         return out
 
@@ -291,13 +356,29 @@ class MemoryLedger:
     # ---- reading ------------------------------------------------------------------------------
 
     def breakdown(self, device: int) -> dict[str, int]:
-        """Bytes by category now."""
+        """Bytes by category now, on the device (what is offloaded to the host excepted)."""
         if self.recording_allocations:
             return self._breakdown_at(device, self._seq)
+        if device in self.offloaded:
+            return dict.fromkeys(CATEGORIES, 0)
+        return self._held(device)
+
+    def _held(self, device: int) -> dict[str, int]:
         params = self._params[device]
         return {**dict.fromkeys(CATEGORIES, 0), "params": tensor_bytes(params),
                 "grads": tensor_bytes(p.grad for p in params),
                 "optimizer": tensor_bytes(self._optimizer_state(device))}
+
+    def host_peak(self, device: int) -> dict[str, int]:
+        """What an offloaded device keeps in host memory, by category, at the host's highest
+        this step (a sampled step's optimizer scratch included); {} for a device that keeps
+        everything on itself.  On CUDA, where allocations are not counted one by one: its CPU
+        tensors (shards, gradients, optimizer state) as the step began, or now if unsampled."""
+        if device not in self.offloaded:
+            return {}
+        if device in self._host_peak:
+            return self._host_breakdown_at(device, self._host_peak[device][1])
+        return self._held(device)
 
     def checkpoint(self, phase: str) -> None:
         """The end of a phase.  Simulated devices: raise a pending out-of-memory.  CUDA: the

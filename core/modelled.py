@@ -32,7 +32,8 @@ class ModelledClock:
         """(signature of the last exchanged step's ops, its timeline)."""
 
     def start(self) -> OpLog | None:
-        return OpLog(self.gpu, self.where, self.tf32) if self.gpu is not None else None
+        offload = self.ctx.cfg.placement.cpu_offload
+        return OpLog(self.gpu, self.where, self.tf32, offload) if self.gpu is not None else None
 
     def lay_out(self, log: OpLog | None) -> None:
         """The step's ops, with every rank's, on modelled streams."""
@@ -91,7 +92,7 @@ class ModelledClock:
             flops = tl.flops.get(d.index, 0.0)
             out.append(UtilizationSample(d.index, 100 * tl.busy_share(d.index), host_s, "modelled", {
                 "step_s": tl.step_s, "flops": flops, "mfu": mfu(flops, tl.step_s, self.gpu, tf32=self.tf32),
-                **tl.comm_figures(d.index)}))
+                **tl.comm_figures(d.index), "host_s": tl.host_s(d.index)}))
         return out
 
 

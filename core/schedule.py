@@ -32,6 +32,11 @@ class Timeline:
     comm: dict[int, list[tuple[str, float, float, int, int]]] = field(default_factory=dict)
     """Per device: (collective, start, end, bytes, ranks taking part)."""
     flops: dict[int, float] = field(default_factory=dict)
+    host: dict[int, list[tuple[str, float, float]]] = field(default_factory=dict)
+    """Per device: (phase, start, end) of its host's work for it (CPU offload's optimizer)."""
+
+    def host_s(self, device: int) -> float:
+        return sum(e - s for _, s, e in self.host.get(device, []))
 
     def busy_share(self, device: int) -> float:
         """The share of the step its compute stream is busy (never communication or waiting):
@@ -56,6 +61,7 @@ class Timeline:
 def schedule(logs: dict[int, list[Op]]) -> Timeline:
     """`logs`: each rank's ops in program order (ranks of one run, or one process)."""
     compute_free: dict[int, float] = defaultdict(float)
+    host_free: dict[int, float] = defaultdict(float)
     comm_free: dict[tuple[int, str], float] = defaultdict(float)  # (device, stream)
     ready: dict[tuple[int, int], float] = {}
     cursor = dict.fromkeys(logs, 0)
@@ -64,6 +70,7 @@ def schedule(logs: dict[int, list[Op]]) -> Timeline:
     tl = Timeline(0.0)
     compute: dict[int, list[tuple[str, float, float]]] = defaultdict(list)
     comm: dict[int, list[tuple[str, float, float, int]]] = defaultdict(list)
+    host: dict[int, list[tuple[str, float, float]]] = defaultdict(list)
 
     def inputs_ready(rank: int, op: Op) -> float:
         return max((ready.get((rank, s), 0.0) for s in op.reads), default=0.0)
@@ -105,6 +112,12 @@ def schedule(logs: dict[int, list[Op]]) -> Timeline:
                     end = compute_free[op.device] = start + op.seconds
                     _merge(compute[op.device], op.phase, start, end)
                     tl.flops[op.device] = tl.flops.get(op.device, 0.0) + op.flops
+                elif op.kind == "host":
+                    # The host steps once the device's work so far is done (FSDP waits for the
+                    # gradients' copies), in program order, beside the GPU's streams.
+                    start = max(host_free[op.device], compute_free[op.device], inputs_ready(rank, op))
+                    end = host_free[op.device] = start + op.seconds
+                    _merge(host[op.device], op.phase, start, end)
                 else:  # a wait: the result is used from here on
                     end = inputs_ready(rank, op)
                 for s in op.writes:
@@ -116,9 +129,10 @@ def schedule(logs: dict[int, list[Op]]) -> Timeline:
     stuck = {rank: len(ops) - cursor[rank] for rank, ops in logs.items() if cursor[rank] < len(ops)}
     if stuck:  # the ranks' programs do not pair up: say so rather than invent a timeline
         raise ScheduleError(f"ops left unscheduled per rank: {stuck}")
-    ends = [e for spans in compute.values() for _, _, e in spans] + [e for c in comm.values() for _, _, e, _, _ in c]
+    ends = [e for spans in (*compute.values(), *host.values()) for _, _, e in spans] + \
+        [e for c in comm.values() for _, _, e, _, _ in c]
     tl.step_s = max(ends, default=0.0)
-    tl.compute, tl.comm = dict(compute), dict(comm)
+    tl.compute, tl.comm, tl.host = dict(compute), dict(comm), dict(host)
     return tl
 
 

@@ -46,7 +46,7 @@ def trace(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
     distributed = mode(cfg.mode).one_process_per_device
     # Room without limit, so the trace runs to its peak; capacity is compared afterwards.
     roomy = [dataclasses.replace(d, kind="sim", capacity_bytes=2**62, gpu=None, share=1) for d in devices]
-    found: dict[int, tuple[dict[str, int], int, str]] = {}
+    found: dict[int, tuple[dict[str, int], int, str, dict[str, int]]] = {}
     logs: dict[int, list] = {}
     try:  # imported before any patching, so the module binds the real torch classes
         module = importlib.import_module(f"{__package__}.parallel.{mode(cfg.mode).module}")
@@ -71,8 +71,9 @@ def trace(cfg: RunConfig, devices: list[Device]) -> list[DeviceEstimate]:
     timeline = _lay_out(logs)
     out = []
     for d in devices:
-        bytes_, peak, phase = found[d.index]
-        out.append(DeviceEstimate(d.index, d.label, peak, dict(bytes_), d.capacity_bytes, "trace", phase))
+        bytes_, peak, phase, host = found[d.index]
+        out.append(DeviceEstimate(d.index, d.label, peak, dict(bytes_), d.capacity_bytes, "trace", phase,
+                                  host=dict(host)))
         if timeline is not None:
             out[-1].modelled = _modelled(timeline, d.index)
     return out
@@ -95,6 +96,7 @@ def _modelled(tl: Any, device: int) -> dict[str, Any]:
     spans = [*compute, *(("idle", s, e) for s, e in idle(tl, device)),
              *(("communication", s, e) for _, s, e, _, _ in tl.comm.get(device, []))]
     return {"step_s": tl.step_s, "busy": tl.busy_share(device), **tl.comm_figures(device),
+            "host_s": tl.host_s(device),
             "spans": sorted(spans, key=lambda x: x[1])}
 
 
@@ -117,7 +119,7 @@ def rank_groups(cfg: RunConfig, world: int) -> list[list[int]]:
 
 
 def _trace_rank(cfg: RunConfig, devices: list[Device], rank: int, world: int,
-                distributed: bool, logs: dict[int, list]) -> dict[int, tuple[dict[str, int], int, str]]:
+                distributed: bool, logs: dict[int, list]) -> dict[int, tuple[dict[str, int], int, str, dict]]:
     """One rank's setup and first steps, as worker._run does them, on fake tensors; the
     last step's ops, costed on the GPU model (sim.gpu), go into `logs`."""
     job = RankJob(cfg.to_dict(), devices, rank, world, time.perf_counter(), os.getpid())
@@ -125,6 +127,7 @@ def _trace_rank(cfg: RunConfig, devices: list[Device], rank: int, world: int,
     ledger = MemoryLedger(local)
     ctx = RankContext(job, cfg, local, ledger)
     best: dict[int, tuple[int, dict[str, int], str]] = {d.index: (-1, {}, "") for d in local}
+    host: dict[int, dict[str, int]] = {d.index: {} for d in local}
     with _fake_world(rank, world, distributed) as group:
         ctx.group = group
         probe = Probe(ctx)
@@ -137,7 +140,7 @@ def _trace_rank(cfg: RunConfig, devices: list[Device], rank: int, world: int,
             probe.where = (local[0].index, "forward")
             # The steady step (last step's gradients and the optimizer's state exist) is
             # the one a run's modelled clock repeats.
-            log = OpLog(gpu, lambda: probe.where, cfg.sim.tf32) if gpu is not None and step == last else None
+            log = OpLog(gpu, lambda: probe.where, cfg.sim.tf32, cfg.placement.cpu_offload) if gpu is not None and step == last else None
             with Recorder(ledger, on_op=log):  # what a rank's sampled step counts, allocation by allocation
                 trainer.step(step, probe)
             ledger.end_step()
@@ -148,7 +151,10 @@ def _trace_rank(cfg: RunConfig, devices: list[Device], rank: int, world: int,
                 bytes_, phase, _ = ledger.step_peak(d.index)
                 if sum(bytes_.values()) > best[d.index][0]:
                     best[d.index] = (sum(bytes_.values()), bytes_, phase)
-    return {d.index: (best[d.index][1], ledger.peak[d.index], best[d.index][2]) for d in local}
+                on_host = ledger.host_peak(d.index)
+                if sum(on_host.values()) > sum(host[d.index].values()):
+                    host[d.index] = on_host
+    return {d.index: (best[d.index][1], ledger.peak[d.index], best[d.index][2], host[d.index]) for d in local}
 
 
 def _this_thread(patched: Any, original: Any) -> Any:

@@ -211,9 +211,9 @@ def lever_problems(cfg: RunConfig, n: int) -> list[str]:
                        "(ddp with placement.zero 1 shards its optimizer state)",
                     3: f"placement.zero {p.zero} is fsdp's; {mode} does not shard parameters "
                        "(ddp with placement.zero 1 shards its optimizer state)"}.get(p.zero, ""))
-    if p.cpu_offload:
-        out.append("placement.cpu_offload is not available yet: a simulated device's memory and the host's "
-                   "are the same CPU memory, so what leaves the device could not be shown truthfully")
+    if p.cpu_offload and not (mode == "fsdp" or (mode == "mesh" and cfg.mesh.shard > 1)):
+        out.append("placement.cpu_offload moves FSDP's shards to the host; use fsdp or a mesh with "
+                   "mesh.shard above 1")
     return out
 
 

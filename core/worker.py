@@ -355,7 +355,8 @@ def _memory_events(ctx: RankContext, step: int, time_s: float) -> list[MemorySam
         cuda_peak, extra = ledger.cuda_extra(d)
         if extra:  # ledger.checkpoint took the allocator's `other` with the categories
             peak = max(peak, cuda_peak)
-        out.append(MemorySample(step, d.index, bytes_, peak, d.capacity_bytes, time_s, phase, op, extra))
+        out.append(MemorySample(step, d.index, bytes_, peak, d.capacity_bytes, time_s, phase, op, extra,
+                               ledger.host_peak(d.index)))
     return out
 
 
@@ -404,7 +405,7 @@ def _send_oom_memory(channel: Channel, e: BaseException, probe: Probe | None, do
         total = sum(breakdown.values())
         sample = MemorySample(probe.step, device.index, breakdown, max(peak, total, ledger.peak[device.index]),
                               device.capacity_bytes, perf_counter() - probe.t0, done.phase,
-                              getattr(e, "op", ""), extra)
+                              getattr(e, "op", ""), extra, ledger.host_peak(device.index))
         channel.send(Batch(done.rank, probe.step, events=[sample]))
 
 

@@ -69,7 +69,7 @@ FIELD_LABELS = {
     "placement.reshard_after_forward": "Reshard after forward",
     **{f"mesh.{a.name}": a.label for a in AXIS.values()},
     "train.grad_accumulation": "Gradient accumulation", "train.activation_checkpointing": "Activation checkpointing",
-    "train.precision": "Precision", "placement.zero": "ZeRO stage",
+    "train.precision": "Precision", "placement.zero": "ZeRO stage", "placement.cpu_offload": "CPU offload",
 }
 # Only dotted keys: "mode", "seed" and "devices" are also plain words of the sentences.
 _KEY = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in sorted(FIELD_LABELS, key=len, reverse=True)
@@ -171,6 +171,8 @@ class ConfigPanel(QWidget):
             widgets = [self.placement_box]
         elif key == "placement.reshard_after_forward":
             widgets = [self.reshard]
+        elif key == "placement.cpu_offload":
+            widgets = [self.offload]
         else:
             widgets = [self._fields[key]]
         for form in self.findChildren(QFormLayout):
@@ -202,6 +204,7 @@ class ConfigPanel(QWidget):
             self._set_combo(self.precision, t.precision)
             self.lr.setText(repr(t.lr))
             self.reshard.setChecked(cfg.placement.reshard_after_forward)
+            self.offload.setChecked(cfg.placement.cpu_offload)
             self.title.setText(cfg.name or "")
             self.title.setVisible(bool(cfg.name))
             self.description.setText(cfg.description or "")
@@ -325,6 +328,10 @@ class ConfigPanel(QWidget):
         form.addRow("Precision", self.precision)
         self.zero_label = QLabel("ZeRO stage")
         form.addRow(self.zero_label, self._spin("placement.zero", 0, 3))
+        self.offload = QCheckBox("CPU offload (FSDP)")
+        self.offload.setToolTip(self._docs["placement.cpu_offload"])
+        self.offload.toggled.connect(self._changed)
+        form.addRow(self.offload)
         lay.addWidget(box)
 
         # Footer: problems and the prediction
@@ -473,6 +480,7 @@ class ConfigPanel(QWidget):
             "train.precision": self.precision.currentText(),
             "train.lr": self.lr.text(),
             "placement.reshard_after_forward": self.reshard.isChecked(),
+            "placement.cpu_offload": self.offload.isChecked(),
         }
         values.update({key: box.value() for key, box in self._spins.items()})
         return values
@@ -562,6 +570,9 @@ class ConfigPanel(QWidget):
         zero = bool(known and known.zero) and (mode != "mesh" or cfg.mesh.shard > 1) \
             and "placement.zero" not in self._hidden  # ZeRO-1 is ddp's, 2 and 3 FSDP's
         self.zero_label.setVisible(zero)
+        # Offload is FSDP's; left enabled while ticked elsewhere, so it can be unticked.
+        self.offload.setEnabled(sharded or self.offload.isChecked())
+        self.offload.setVisible("placement.cpu_offload" not in self._hidden)
         self._spins["placement.zero"].setVisible(zero)
         self.sim_count.setEnabled(self.dev_sim.isChecked())
         self.memory.setEnabled(not self.dev_gpu.isChecked())

@@ -44,6 +44,8 @@ class Gauge(QWidget):
         self.capacity = 0
         self.bytes: dict[str, int] = {}
         self.peak = 0
+        self.host = 0
+        """placement.cpu_offload: bytes kept in host memory instead (not in the gauge)."""
         self.predicted: int | None = None
         self.oom: str | None = None
         """None: fine; otherwise the text naming what overflowed."""
@@ -63,8 +65,9 @@ class Gauge(QWidget):
         return sum(self.bytes.values())
 
     def set_state(self, label: str, capacity: int, bytes_: dict[str, int], peak: int,
-                  oom: str | None) -> None:
+                  oom: str | None, host: int = 0) -> None:
         self.label, self.capacity, self.bytes, self.peak, self.oom = label, capacity, dict(bytes_), peak, oom
+        self.host = host
         self._update_tooltip()
         self.update()
 
@@ -83,6 +86,8 @@ class Gauge(QWidget):
         lines += [f'<span style="color:{CATEGORY_COLORS[c]}">&#9632;</span> {c}: {human_bytes(self.bytes.get(c, 0))}'
                   for c in CATEGORIES]
         lines.append(f"peak {human_bytes(self.peak)} of {human_bytes(self.capacity)}")
+        if self.host:
+            lines.append(f"offloaded to host: {human_bytes(self.host)} (not in the peak)")
         if self.predicted is not None:
             lines.append(f"predicted peak {human_bytes(self.predicted)}")
         if self.oom:
@@ -272,7 +277,8 @@ class DeviceView(QWidget):
             elif overflow and d.last and d.capacity_bytes and sum(d.last.bytes.values()) > d.capacity_bytes:
                 oom = "over capacity too"  # the run names one device; this one overflowed as well
             g = self.gauges[i]
-            g.set_state(d.label, d.capacity_bytes, d.last.bytes if d.last else {}, d.peak_bytes, oom)
+            g.set_state(d.label, d.capacity_bytes, d.last.bytes if d.last else {}, d.peak_bytes, oom,
+                        sum(d.last.host.values()) if d.last else 0)
             g.set_predicted(self._predicted(i))
         return True
 

@@ -21,6 +21,7 @@ SUMMARIES = {
     "out-of-memory": "Too big on purpose: the out-of-memory names the device and the category.",
     "transformer-fsdp-tp": "A GPT on a 2 × 2 mesh: FSDP shards what tensor parallel splits.",
     "mlp-dp-pp": "Two pipelines side by side: each has its bubble; stage copies all-reduce.",
+    "transformer-fsdp-offload": "FSDP with CPU offload: shards and optimizer state on the host, so it fits.",
 }
 
 WHAT_START_SHOWS = (

@@ -14,6 +14,12 @@ the device owns: FSDP makes them by resizing storages, which the recorder sees, 
 they count as `temporaries` while they are alive — never as activations (the ledger
 skips parameters that autograd saves), even when kept from forward until backward.
 Communication: every all-gather and reduce-scatter is timed on sampled steps.
+
+placement.cpu_offload (FSDP2's CPUOffloadPolicy): the shards, their gradients and the
+optimizer state live in host memory and the optimizer steps there; each all-gather first
+copies the shard to the device, each reduce-scatter's output is copied back to the host.
+On a simulated device host and device are the same CPU memory and those copies are no-ops,
+so the ledger is told which storages are the host's (core.memory).
 """
 
 from __future__ import annotations
@@ -24,7 +30,12 @@ from time import perf_counter
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 
 try:  # FSDP's default collectives, to wrap with a stopwatch (torch >= 2.8; private names)
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
@@ -62,10 +73,12 @@ def apply_fsdp(ctx) -> Trainer:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if cfg.train.precision == "bf16" else MixedPrecisionPolicy()
     # Bottom-up: each layer is a unit, then the root takes whatever is left (nothing here).
+    offload = offload_policy(cfg, device)
     for layer in model:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
-    materialise(model, cfg, device.torch_device)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy, offload_policy=offload)
+    # FSDP wants offloaded shards made on the CPU (it copies them to the device to gather).
+    materialise(model, cfg, "cpu" if cfg.placement.cpu_offload else device.torch_device)
     timer = _CommTimer(device)
     if DefaultAllGather is not None and hasattr(model, "set_custom_all_gather"):
         for layer in model:
@@ -75,6 +88,8 @@ def apply_fsdp(ctx) -> Trainer:
     optimizer = make_optimizer(model.parameters(), cfg.train)  # on the shards only
     ctx.ledger.add_params(model.parameters(), device.index)
     ctx.ledger.add_optimizer(optimizer)
+    if cfg.placement.cpu_offload:
+        on_host(ctx.ledger, model.parameters(), device)
     ctx.ledger.checkpoint("setup")
     d, rank = device.index, ctx.rank
 
@@ -92,6 +107,28 @@ def apply_fsdp(ctx) -> Trainer:
                              sync=sync if cfg.train.grad_accumulation > 1 else None)
 
     return Trainer(step, [optimizer], model=model)
+
+
+def offload_policy(cfg, device) -> OffloadPolicy:
+    """placement.cpu_offload: FSDP keeps shards, gradients and optimizer state on the host.
+    Pinned host memory lets a GPU's copies run asynchronously; a simulated device has none."""
+    if not cfg.placement.cpu_offload:
+        return OffloadPolicy()
+    return CPUOffloadPolicy(pin_memory=device.kind == "cuda")
+
+
+def on_host(ledger, params, device) -> None:
+    """Tell the ledger that this device's shards, their gradients and the optimizer state
+    are host memory.  On a simulated device FSDP's device-to-host copy of a reduce-scattered
+    gradient is a no-op (both are the CPU): the gradient leaves the device when FSDP hands it
+    over (it calls the shard's post-accumulate-grad hooks then), as a GPU's copy would free
+    the reduce-scatter's output.  A GPU's allocator sees its own memory: no hook there (it
+    would make FSDP's copy synchronous)."""
+    ledger.offload(device.index)
+    if device.kind != "sim":
+        return
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda p: ledger.to_host(p.grad, device.index))
 
 
 class _CommTimer:

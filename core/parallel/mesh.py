@@ -36,7 +36,7 @@ from ..plan import AXES, Plan
 from ..shapes import FLOAT, Rule, chunk_len, named_shapes, stage_layers, tensor_parallel_dims
 from ..strategy import Trainer
 from . import make_optimizer, materialise, standard_step
-from .fsdp import DefaultAllGather, _CommTimer
+from .fsdp import DefaultAllGather, _CommTimer, offload_policy, on_host
 from .levers import checkpoint_blocks
 from .pipeline import pipelined
 from .tensor_parallel import tp_plan
@@ -69,12 +69,17 @@ def apply_mesh(ctx) -> Trainer:
         # bf16: FSDP gathers bf16 copies of the fp32 shards and reduces gradients in fp32.
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if cfg.train.precision == "bf16" else MixedPrecisionPolicy()
+        # placement.cpu_offload (shard > 1): the shards FSDP cuts from the values go to the host.
+        offload = offload_policy(cfg, device)
         for layer in model:
-            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
+            fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy,
+                        offload_policy=offload)
             if DefaultAllGather is not None and hasattr(layer, "set_custom_all_gather"):
                 layer.set_custom_all_gather(timer.all_gather)
                 layer.set_custom_reduce_scatter(timer.reduce_scatter)
-        fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy, offload_policy=offload)
+        if cfg.placement.cpu_offload:
+            on_host(ctx.ledger, model.parameters(), device)
 
     data = make_dataset(cfg.data, cfg.model, cfg.seed).to(device.torch_device)
     share = plan.batch_index(ctx.rank)

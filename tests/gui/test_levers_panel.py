@@ -28,3 +28,17 @@ def test_levers_show_a_preset_and_set_the_config(window):
 
     panel._spins["train.grad_accumulation"].setValue(3)
     assert any("“Gradient accumulation” 3 does not divide" in p for p in panel.problems()), panel.problems()
+
+
+def test_cpu_offload_is_a_lever_of_the_modes_that_shard(window):
+    panel = window.panel
+    panel.set_config(presets.load("transformer-fsdp"))
+    assert panel.offload.isEnabled() and not panel.offload.isChecked()
+    panel.offload.setChecked(True)
+    assert panel.config().placement.cpu_offload and panel.problems() == []
+
+    panel.mode.setCurrentText("ddp")  # still ticked: left enabled so it can be unticked
+    assert panel.offload.isEnabled()
+    assert any("“CPU offload” moves FSDP's shards to the host" in p for p in panel.problems()), panel.problems()
+    panel.offload.setChecked(False)
+    assert not panel.offload.isEnabled() and panel.problems() == []
