@@ -201,11 +201,15 @@ class Rule:
         """A sharded device's peak, the largest of three moments: the end of forward (last
         step's gradients alive until zero_grad), the start of backward (every activation,
         no gradient yet) and the end of backward (every gradient, the activations freed);
-        `gathered(backward)` is what FSDP holds gathered then."""
-        return peak(self.device(p, samples, layers, acts=acts, other=other, temps=gathered(False), autocast=False),
-                    self.device(p, samples, layers, acts=acts, other=other, temps=gathered(True), grads=0,
-                                autocast=False),
-                    self.device(p, samples, layers, acts=0, other=other, temps=gathered(True), autocast=False))
+        `gathered(backward)` is what FSDP holds gathered then.  With placement.cpu_offload
+        the shards, their gradients and the optimizer state are the host's, not the device's."""
+        moments = [self.device(p, samples, layers, acts=acts, other=other, temps=gathered(False), autocast=False),
+                   self.device(p, samples, layers, acts=acts, other=other, temps=gathered(True), grads=0,
+                               autocast=False),
+                   self.device(p, samples, layers, acts=0, other=other, temps=gathered(True), autocast=False)]
+        if self.cfg.placement.cpu_offload:
+            moments = [{**b, "params": 0, "grads": 0, "optimizer": 0} for b in moments]
+        return peak(*moments)
 
     def sharded(self, dim_of: Any, *, pad: bool = False, n: int | None = None) -> list[int]:
         """Parameter bytes of each of n ranks (all devices by default) when every parameter is
