@@ -248,7 +248,7 @@ def _stand_ins(module: Any) -> Iterator[None]:
     DeviceMesh.__init__ = _this_thread(real_make, make_mesh)
     ShardingPropagator._propagate_tensor_meta_non_cached = _this_thread(quiet_infer, infer)
     try:
-        with _pipeline_vote():
+        with _pipeline_vote(), _held_sends():
             yield
     finally:
         DeviceMesh.__init__ = make_mesh
@@ -288,6 +288,42 @@ def _pipeline_vote() -> Iterator[None]:
         yield
     finally:
         PipelineStage._warmup_forward_vote, PipelineStage._warmup_backward_result = originals
+
+
+@contextlib.contextmanager
+def _held_sends() -> Iterator[None]:
+    """A send's tensor lives as long as its work: a real group's work keeps a reference to
+    it (gloo's send work holds its tensor; NCCL's keeps it in `outputs_`, "for use cases
+    such as profiling"), and the pipeline schedules keep their send works in a list until
+    the step's micro-batches are done, so a stage holds each micro-batch's outgoing
+    activation and input gradient until then.  The fake group's work holds nothing: here
+    it does."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    real = c10d.isend
+
+    def isend(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        work = real(tensor, *args, **kwargs)
+        return None if work is None else _HeldSend(work, tensor)
+
+    # P2POp accepts only c10d's own isend, and the schedules compare ops with dist.isend:
+    # both names are the one patched function.
+    c10d.isend = dist.isend = _this_thread(isend, real)
+    try:
+        yield
+    finally:
+        c10d.isend = dist.isend = real
+
+
+class _HeldSend:
+    """A send's work that keeps its tensor alive while it lives, as a real group's does."""
+
+    def __init__(self, work: Any, tensor: Any) -> None:
+        self._work, self._tensor = work, tensor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._work, name)
 
 
 class _TracedDDP(nn.Module):
