@@ -440,6 +440,7 @@ def _fake_world(rank: int, world: int, distributed: bool) -> Iterator[Any]:
     if dist.is_initialized():
         raise EstimateError("this process already has a torch.distributed process group; "
                             "trace in a process that trains nothing")
+    _forget_dtensor_shardings()
     try:
         if distributed:
             from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -449,5 +450,28 @@ def _fake_world(rank: int, world: int, distributed: bool) -> Iterator[Any]:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        _forget_dtensor_shardings()
+
+
+def _forget_dtensor_shardings() -> None:
+    """Forget what DTensor cached for this rank's meshes, before and after it.
+
+    DTensor caches each op's output sharding keyed by its op schema, and that holds the
+    input's DeviceMesh, which compares and hashes by its rank map, layout and names, not by
+    the rank it was made on: rank 0's mesh equals rank 1's.  A hit returns the first
+    caller's output spec, with the first caller's mesh and so its coordinate.  A run's
+    process is one rank and never meets another rank's mesh; a trace is several ranks in
+    turn in one process, and whatever shards in this process after it (a test, a later
+    trace) is another rank again: it would get the traced rank's offsets (materialise
+    copies the wrong rows).  The cache that answers is the C++ dispatch fast path's;
+    torch's debug helper clears it and the Python one together.  The redistribute
+    planners are cached by a weak reference to the mesh, which compares equal the same way."""
+    try:
+        from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+    except ImportError:  # another torch: nothing known to clear
+        return
+    _clear_sharding_prop_cache()
+    clear_redistribute_planner_cache()
 
 
