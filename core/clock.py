@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 from .gpus import GpuModel
+from .memory import storage_of
 from .recorder import tensors_in
 
 # ---- one operation ------------------------------------------------------------------------------
@@ -111,8 +112,8 @@ class OpLog:
         name = func.__name__.split(".")[0]
         device, phase = self.where()
         ins, outs = tensors_in((args, kwargs)), tensors_in(out)
-        reads = tuple(id(s) for t in ins if (s := _storage(t)) is not None)
-        writes = tuple(id(s) for t in outs if (s := _storage(t)) is not None)
+        reads = tuple(id(s) for t in ins if (s := storage_of(t)) is not None)
+        writes = tuple(id(s) for t in outs if (s := storage_of(t)) is not None)
         kind = COLLECTIVES.get(name)
         if kind is not None and func.namespace in ("c10d", "_c10d_functional"):
             self._collective(device, phase, kind, args, ins, reads, outs)
@@ -191,13 +192,6 @@ def _flops(func: Any, args: Any, kwargs: Any, out: Any) -> float:
         except Exception:
             pass
     return float(sum(t.numel() for t in tensors_in(out)))  # elementwise: about one op per output element
-
-
-def _storage(t: torch.Tensor) -> Any:
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
 
 
 def mfu(flops: float, seconds: float, gpu: GpuModel, dtype: torch.dtype = torch.float32, tf32: bool = False) -> float:

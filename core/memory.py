@@ -58,18 +58,33 @@ class DeviceOutOfMemory(RuntimeError):
         )
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor, or the tensor itself."""
-    local = getattr(t, "_local_tensor", None)
-    return local if isinstance(local, torch.Tensor) else t
+def _inner(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that holds t's memory: a wrapper subclass's one inner tensor (DTensor's
+    local shard, the AsyncCollectiveTensor that wraps a functional collective's output),
+    or t itself.
+
+    A wrapper subclass (`_make_wrapper_subclass`) has a storage of its own with the full
+    nbytes but no data (its data pointer is invalid): nothing was allocated for it.
+    Counting it would count the collective's output again for the wrapper, and once more
+    for each view of the wrapper (AsyncCollectiveTensor answers aten.view with a new
+    wrapper), which no GPU allocates; the fake trace, where functional collectives wait at
+    once and wrap nothing, would not see them."""
+    while type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()  # DTensor names its mesh too
+        inner = [x for x in (getattr(t, n) for n in names) if isinstance(x, torch.Tensor)]
+        if len(inner) != 1:
+            break  # no such subclass in paralab: counted by its own (empty) storage
+        t = inner[0]
+    return t
 
 
 def storage_of(t: torch.Tensor | torch.UntypedStorage) -> torch.UntypedStorage | None:
-    """The storage behind t (shared by its views); None for tensors without one."""
+    """The storage behind t (shared by its views, and by wrappers of it); None for tensors
+    without one."""
     if isinstance(t, torch.UntypedStorage):
         return t
     try:
-        return _local(t).untyped_storage()
+        return _inner(t).untyped_storage()
     except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
         return None
 

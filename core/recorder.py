@@ -28,7 +28,7 @@ from torch._guards import active_fake_mode
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .memory import MemoryLedger
+from .memory import MemoryLedger, storage_of
 
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
 _TO_COPY = torch.ops.aten._to_copy.default
@@ -79,12 +79,12 @@ class Recorder(TorchDispatchMode):
         if active_fake_mode() is not self._fake or getattr(_local, "quiet", 0):
             return out  # DTensor's shape propagation on its own fake tensors, not the device's work
         ledger.op = func.__name__
-        inputs = {id(s) for t in tensors_in((args, kwargs)) if (s := _storage(t)) is not None}
+        inputs = {id(s) for t in tensors_in((args, kwargs)) if (s := storage_of(t)) is not None}
         # A cast of a parameter (autocast's bf16 copy of a weight) is a working copy of it,
         # as FSDP's gathered parameters are: temporaries, even when autograd saves it.
-        kind = "temporaries" if func is _TO_COPY and ledger.is_params(_storage(args[0])) else None
+        kind = "temporaries" if func is _TO_COPY and ledger.is_params(storage_of(args[0])) else None
         for t in tensors_in(out):
-            if (s := _storage(t)) is not None and id(s) not in inputs:
+            if (s := storage_of(t)) is not None and id(s) not in inputs:
                 ledger.allocated(s, None, kind)
         if self.on_op is not None:
             self.on_op(func, args, kwargs, out)
@@ -105,13 +105,6 @@ class Recorder(TorchDispatchMode):
             return out
 
         torch.UntypedStorage.resize_ = resize_
-
-
-def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
 
 
 def tensors_in(obj: Any) -> list[torch.Tensor]:

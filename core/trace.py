@@ -254,7 +254,7 @@ def _stand_ins(module: Any) -> Iterator[None]:
     DeviceMesh.__init__ = _this_thread(real_make, make_mesh)
     ShardingPropagator._propagate_tensor_meta_non_cached = _this_thread(quiet_infer, infer)
     try:
-        with _pipeline_vote():
+        with _pipeline_vote(), _held_sends():
             yield
     finally:
         DeviceMesh.__init__ = make_mesh
@@ -294,6 +294,42 @@ def _pipeline_vote() -> Iterator[None]:
         yield
     finally:
         PipelineStage._warmup_forward_vote, PipelineStage._warmup_backward_result = originals
+
+
+@contextlib.contextmanager
+def _held_sends() -> Iterator[None]:
+    """A send's tensor lives as long as its work: a real group's work keeps a reference to
+    it (gloo's send work holds its tensor; NCCL's keeps it in `outputs_`, "for use cases
+    such as profiling"), and the pipeline schedules keep their send works in a list until
+    the step's micro-batches are done, so a stage holds each micro-batch's outgoing
+    activation and input gradient until then.  The fake group's work holds nothing: here
+    it does."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    real = c10d.isend
+
+    def isend(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        work = real(tensor, *args, **kwargs)
+        return None if work is None else _HeldSend(work, tensor)
+
+    # P2POp accepts only c10d's own isend, and the schedules compare ops with dist.isend:
+    # both names are the one patched function.
+    c10d.isend = dist.isend = _this_thread(isend, real)
+    try:
+        yield
+    finally:
+        c10d.isend = dist.isend = real
+
+
+class _HeldSend:
+    """A send's work that keeps its tensor alive while it lives, as a real group's does."""
+
+    def __init__(self, work: Any, tensor: Any) -> None:
+        self._work, self._tensor = work, tensor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._work, name)
 
 
 class _TracedDDP(nn.Module):
@@ -410,6 +446,7 @@ def _fake_world(rank: int, world: int, distributed: bool) -> Iterator[Any]:
     if dist.is_initialized():
         raise EstimateError("this process already has a torch.distributed process group; "
                             "trace in a process that trains nothing")
+    _forget_dtensor_shardings()
     try:
         if distributed:
             from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -419,5 +456,28 @@ def _fake_world(rank: int, world: int, distributed: bool) -> Iterator[Any]:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        _forget_dtensor_shardings()
+
+
+def _forget_dtensor_shardings() -> None:
+    """Forget what DTensor cached for this rank's meshes, before and after it.
+
+    DTensor caches each op's output sharding keyed by its op schema, and that holds the
+    input's DeviceMesh, which compares and hashes by its rank map, layout and names, not by
+    the rank it was made on: rank 0's mesh equals rank 1's.  A hit returns the first
+    caller's output spec, with the first caller's mesh and so its coordinate.  A run's
+    process is one rank and never meets another rank's mesh; a trace is several ranks in
+    turn in one process, and whatever shards in this process after it (a test, a later
+    trace) is another rank again: it would get the traced rank's offsets (materialise
+    copies the wrong rows).  The cache that answers is the C++ dispatch fast path's;
+    torch's debug helper clears it and the Python one together.  The redistribute
+    planners are cached by a weak reference to the mesh, which compares equal the same way."""
+    try:
+        from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+    except ImportError:  # another torch: nothing known to clear
+        return
+    _clear_sharding_prop_cache()
+    clear_redistribute_planner_cache()
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from paralab.core.config import RunConfig
+from paralab.core.estimate import estimate
 from paralab.core.models import build_model, stream_layers
 from paralab.core.parallel import materialise
 
@@ -33,21 +34,14 @@ def test_streamed_layers_are_build_models_whatever_the_caller_draws(kind):
 
 
 def test_fsdp_materialises_its_shards_without_the_whole_model():
-    """In a fresh interpreter: in one that has traced an estimate, DTensor reuses a sharding
-    it cached for an equal-looking mesh of the traced rank 0, and this check (rank 1 on a
-    fake world) would get rank 0's offsets; a run's ranks never trace."""
-    import multiprocessing
-
-    proc = multiprocessing.get_context("spawn").Process(target=_fsdp_materialises_its_shards)
-    proc.start()
-    proc.join(240)
-    assert proc.exitcode == 0, "the check failed in its own process (its traceback is above)"
-
-
-def _fsdp_materialises_its_shards() -> None:
+    """Rank 1 of a fake world, in a process that has just traced rank 0 of an estimate, as
+    the app's prediction process does: DTensor caches shardings by meshes that compare equal
+    across ranks, and the trace forgets what it cached (trace._forget_dtensor_shardings),
+    or this rank would get rank 0's offsets and copy rank 0's rows."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    estimate(MLP.with_overrides({"mode": "fsdp", "devices": "sim:2", "train.batch_size": 8}), method="trace")
     whole = build_model(MLP.model, MLP.seed)
     full_bytes = sum(p.numel() * 4 for p in whole.parameters())
     layer_bytes = max(sum(p.numel() * 4 for p in layer.parameters()) for layer in whole)
