@@ -162,7 +162,7 @@ class OpLog:
 
     def _pcie(self, name: str, device: int, t: torch.Tensor, nbytes: int) -> None:
         """A copy between the device and its host, on the copy stream; what reads `t` waits for it."""
-        s = _storage(t)
+        s = storage_of(t)
         touched = (id(s),) if s is not None else ()
         seconds = nbytes / (self.gpu.pcie_gbs * 1e9) + self.gpu.launch_us * 1e-6
         self.ops.append(Op(device, "communication", "comm", seconds, touched, touched, name, nbytes))
