@@ -13,7 +13,7 @@ from paralab.core.estimate import EstimateError, compare, estimate
 from paralab.core.events import CATEGORIES, MemorySample, StepDone
 from paralab.core.models import build_model, count_params
 
-from tests.helpers import ended, run_events
+from tests.helpers import ended, run_events, steady_peak_errors
 
 TINY = {"model.kind": "mlp", "model.width": 32, "model.depth": 2, "model.in_features": 16,
         "model.out_features": 4, "train.batch_size": 8, "train.steps": 3}
@@ -85,8 +85,8 @@ def test_where_the_trace_runs_the_same_ops_it_is_the_measured_peak(mode, model, 
     predicted = estimate(cfg, method="trace")
     events = run_events(cfg)
     assert ended(events).status == "ok", ended(events).message
-    for row in compare(predicted, events):
-        assert row["measured"] and abs(row["trace_error_pct"]) <= SAME_PROGRAM, row
+    errors = steady_peak_errors(predicted, events)
+    assert sorted(errors) == [0, 1] and all(abs(e) <= SAME_PROGRAM for e in errors.values()), errors
 
 
 def test_predicted_out_of_memory_is_the_device_the_run_loses(no_leftover_ranks):
