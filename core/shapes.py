@@ -201,12 +201,16 @@ class Rule:
         """A sharded device's peak, the largest of three moments: the end of forward (last
         step's gradients alive until zero_grad), the start of backward (every activation,
         no gradient yet) and the end of backward (every gradient, the activations freed);
-        `gathered(backward)` is what FSDP holds gathered then.  With placement.cpu_offload
-        the shards, their gradients and the optimizer state are the host's, not the device's."""
+        `gathered(backward)` is what FSDP holds gathered then.  Accumulating, the gradients
+        live unsharded (in `gathered`) until the last micro-step reduce-scatters them.  With
+        placement.cpu_offload the shards, their gradients and the optimizer state are the
+        host's, not the device's."""
+        grads = 0 if self.cfg.train.grad_accumulation > 1 else None
         moments = [self.device(p, samples, layers, acts=acts, other=other, temps=gathered(False), autocast=False),
                    self.device(p, samples, layers, acts=acts, other=other, temps=gathered(True), grads=0,
                                autocast=False),
-                   self.device(p, samples, layers, acts=0, other=other, temps=gathered(True), autocast=False)]
+                   self.device(p, samples, layers, acts=0, other=other, temps=gathered(True), grads=grads,
+                               autocast=False)]
         if self.cfg.placement.cpu_offload:
             moments = [{**b, "params": 0, "grads": 0, "optimizer": 0} for b in moments]
         return peak(*moments)

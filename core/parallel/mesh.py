@@ -144,7 +144,7 @@ def _rank_bytes(f: Rule, rank: int) -> dict[str, int]:
         if plan.shard > 1 and dims:  # FSDP pads dim 0 to a multiple of the shard count
             whole = -(-dims[0] // plan.shard) * math.prod(dims[1:]) * FLOAT
         params += whole
-    samples = t.batch_size / ways
+    samples = t.batch_size / t.grad_accumulation / ways  # one micro-step's share
     m = t.micro_batches if plan.pp > 1 else 1
     in_flight = samples if plan.pp == 1 or t.schedule == "gpipe" else min(m, plan.pp - stage) * samples / m
     splits = tensor_splits(cfg.model)
@@ -156,5 +156,8 @@ def _rank_bytes(f: Rule, rank: int) -> dict[str, int]:
     if ways == 1:
         return f.device(params, in_flight, layers, acts=acts, other=other)
     # FSDP units over dp × shard (plain replicas when shard = 1 are units too).
+    # Accumulating without gradient sync, a rank keeps its unsharded gradients between micro-steps.
     largest, total = max(unsharded.values()), sum(unsharded.values())
-    return f.fsdp_peak(params, in_flight, acts, other, lambda backward: f.gathered(largest, total, backward), layers)
+    accumulating = total if t.grad_accumulation > 1 else 0
+    return f.fsdp_peak(params, in_flight, acts, other,
+                       lambda backward: f.gathered(largest, total, backward) + accumulating, layers)
