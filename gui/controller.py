@@ -25,6 +25,7 @@ from ..core import log
 from ..core.config import ConfigError, RunConfig
 from ..core.events import RunEnded, RunStarted
 from ..core.run import Run
+from . import collector
 
 BATCH_MS = 50
 KEEP_RUNS = 8
@@ -77,6 +78,7 @@ class RunController(QObject):
 
     def __init__(self, parent: QObject | None = None, runs_dir: str | Path | None = None) -> None:
         super().__init__(parent)
+        collector.install()  # the run's thread must never collect a widget
         self._own_dir = runs_dir is None
         self.runs_dir = Path(runs_dir) if runs_dir else Path(tempfile.mkdtemp(prefix="paralab-runs-"))
         self.metrics_path: Path | None = None

@@ -17,6 +17,7 @@ from PySide6.QtWidgets import QGroupBox, QLabel, QVBoxLayout, QWidget
 
 from ..core import log
 from ..core.config import ConfigError, RunConfig, human_bytes
+from . import collector
 from .prediction import PredictionProcess
 
 ESTIMATE_DELAY_MS = 400
@@ -35,6 +36,7 @@ class PredictionBox(QGroupBox):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__("Predicted peak memory", parent)
+        collector.install()  # its worker thread must never collect a widget
         lay = QVBoxLayout(self)
         self.label = QLabel(wordWrap=True, objectName="estimate")
         self.warning = QLabel(wordWrap=True, objectName="estimateWarning")
