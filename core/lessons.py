@@ -30,6 +30,7 @@ CONTROLS = (
     "train.schedule", "train.optimizer", "train.lr", "train.steps", "seed", "placement.split",
     "placement.reshard_after_forward", "mesh.pp", "mesh.dp", "mesh.shard", "mesh.tp",
     "train.grad_accumulation", "train.activation_checkpointing", "train.precision", "placement.zero",
+    "placement.cpu_offload",
 )
 """The settings the form has a field for (gui/config_panel.py); a step shows or hides these."""
 OUTCOMES = ("ok", "oom")
