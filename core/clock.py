@@ -173,8 +173,8 @@ def _group(pg: Any, args: Any) -> tuple[list[int], str]:
 
     try:
         group = dist.ProcessGroup.unbox(pg) if pg is not None else None
-        if group is None:  # functional collectives name their group with a string
-            name = next(a for a in args if isinstance(a, str))
+        if group is None:  # functional collectives name their group: their last string
+            name = [a for a in args if isinstance(a, str)][-1]  # (the first is all_reduce's op)
             from torch.distributed.distributed_c10d import _resolve_process_group
 
             group = _resolve_process_group(name)

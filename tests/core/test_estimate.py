@@ -10,7 +10,7 @@ from paralab.core import trace as trace_module
 from paralab.core.cli import main
 from paralab.core.config import RunConfig
 from paralab.core.estimate import EstimateError, compare, estimate
-from paralab.core.events import CATEGORIES, MemorySample, StepDone
+from paralab.core.events import CATEGORIES, MemorySample, PhaseSpan, StepDone
 from paralab.core.models import build_model, count_params
 
 from tests.helpers import ended, run_events, steady_peak_errors
@@ -309,3 +309,18 @@ def test_every_mode_in_the_registry_has_its_runtime_and_its_formula_rule():
         module = importlib.import_module(f"paralab.core.parallel.{m.module}")
         assert callable(getattr(module, f"apply_{m.module}", None)), m.name
         assert callable(getattr(module, "memory", None)), m.name
+
+
+def test_a_pipeline_of_tensor_parallel_stages_is_timed_as_the_trace_times_it(no_leftover_ranks):
+    """pp2 × tp2: each stage's all-reduces run in its own tp pair.  They were once laid out
+    as one 4-rank group (a functional collective's group read from its op name, "sum"),
+    which deadlocked the run's schedule against the stages' sends: no modelled timeline."""
+    cfg = config(**{**TINY_GPT, "mode": "mesh", "devices": "sim:4", "mesh.pp": 2, "mesh.tp": 2,
+                    "train.steps": 4, "train.micro_batches": 2})
+    predicted = estimate(cfg, method="trace")
+    events = run_events(cfg)
+    times = [e.time_s for e in events if isinstance(e, StepDone)]
+    spans = [e for e in events if isinstance(e, PhaseSpan) and e.clock != "host" and e.step == 3]
+    assert {e.device for e in spans} == {0, 1, 2, 3}  # every rank has its modelled step
+    for d in predicted.devices:
+        assert d.modelled["step_s"] == pytest.approx(times[-1] - times[-2], rel=0.05), d.label
