@@ -197,15 +197,16 @@ class Rule:
         return half * held + (largest if backward else 0.0)
 
     def fsdp_peak(self, p: float, samples: float, acts: float, other: float, gathered: Any,
-                  layers: Iterable[int] | None = None) -> dict[str, int]:
+                  layers: Iterable[int] | None = None, pipelined: bool = False) -> dict[str, int]:
         """A sharded device's peak, the largest of three moments: the end of forward (last
         step's gradients alive until zero_grad), the start of backward (every activation,
         no gradient yet) and the end of backward (every gradient, the activations freed);
-        `gathered(backward)` is what FSDP holds gathered then.  Accumulating, the gradients
-        live unsharded (in `gathered`) until the last micro-step reduce-scatters them.  With
+        `gathered(backward)` is what FSDP holds gathered then.  Accumulating, or `pipelined`
+        (micro-batches through a stage), the gradients live unsharded until the last
+        micro-batch reduce-scatters them, and the sharded ones appear as those go.  With
         placement.cpu_offload the shards, their gradients and the optimizer state are the
         host's, not the device's."""
-        grads = 0 if self.cfg.train.grad_accumulation > 1 else None
+        grads = 0 if self.cfg.train.grad_accumulation > 1 or pipelined else None
         moments = [self.device(p, samples, layers, acts=acts, other=other, temps=gathered(False), autocast=False),
                    self.device(p, samples, layers, acts=acts, other=other, temps=gathered(True), grads=0,
                                autocast=False),

@@ -160,4 +160,5 @@ def _rank_bytes(f: Rule, rank: int) -> dict[str, int]:
     largest, total = max(unsharded.values()), sum(unsharded.values())
     accumulating = total if t.grad_accumulation > 1 else 0
     return f.fsdp_peak(params, in_flight, acts, other,
-                       lambda backward: f.gathered(largest, total, backward) + accumulating, layers)
+                       lambda backward: f.gathered(largest, total, backward) + accumulating, layers,
+                       pipelined=plan.pp > 1)
