@@ -20,6 +20,7 @@ import torch.distributed as dist
 from paralab.core.config import RunConfig
 from paralab.core.data import make_dataset
 from paralab.core.estimate import estimate
+from paralab.core.events import MemorySample
 from paralab.core.models import build_model, loss_fn, num_layers, split_layers
 from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
@@ -263,11 +264,16 @@ def test_a_functional_collectives_wrapper_holds_no_memory_of_its_own():
 
 
 def test_tensor_parallel_peak_matches_an_independent_count(tmp_path):
-    # A batch at which each block's all-reduced output is a large share of the peak.
+    """A batch at which each block's all-reduced output is a large share of the peak.  Each
+    side's lowest steady step: gloo completes an all-reduce on its own thread, and when it
+    does decides whether one block's output buffer (65,536 B here) is still alive at the
+    peak, on either side (seen once in the plain-torch harness: +5%)."""
     cfg = config(MLP, "tensor-parallel", "sim:2", train__batch_size=256)
-    got = measured(cfg)
+    events = run_events(cfg)
+    assert ended(events).status == "ok", ended(events).message
+    got = min(e.peak_bytes for e in events if isinstance(e, MemorySample) and e.device == 0 and e.step >= 2)
     want = _on_two_gloo_ranks(_tensor_parallel_peak, cfg.to_dict(), tmp_path)
-    assert_close(got[0], want[0], "tensor-parallel")
+    assert_close(got, want[0], "tensor-parallel")
     assert_estimated(cfg, 0, want[0], "tensor-parallel")
 
 
@@ -285,12 +291,13 @@ def _tensor_parallel_peak(rank: int, cfg: RunConfig) -> int:
     for block in list(model)[1:-1]:  # the residual blocks: fc1 by columns, fc2 by rows
         parallelize_module(block, mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
     optimizer = optimizer_for(model.parameters(), cfg)
-    return _counted_steps(cfg, model, optimizer, batches(cfg))
+    return _counted_steps(cfg, model, optimizer, batches(cfg), lowest_step=True)
 
 
-def _counted_steps(cfg: RunConfig, model, optimizer, batch) -> int:
+def _counted_steps(cfg: RunConfig, model, optimizer, batch, lowest_step: bool = False) -> int:
     """STEPS of the seeds' loop under LiveBytes; the optimizer state exists from step 2 on,
-    so the count starts there, with the parameters, gradients and state alive then."""
+    so the count starts there, with the parameters, gradients and state alive then.  The
+    highest peak of those steps, or with `lowest_step` the lowest step's peak."""
     def one(step):
         x, y = batch(step)
         loss = loss_fn(cfg.model, model(x), y)
@@ -303,10 +310,13 @@ def _counted_steps(cfg: RunConfig, model, optimizer, batch) -> int:
     params = list(model.parameters())
     counter = LiveBytes(*params, *(p.grad for p in params if p.grad is not None), *state)
     del state
+    peaks = []
     with counter:
         for step in range(2, STEPS + 1):
+            counter.peak = counter.now
             one(step)
-    return counter.peak
+            peaks.append(counter.peak)
+    return min(peaks) if lowest_step else max(peaks)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
