@@ -47,8 +47,10 @@ def steady_peak_errors(predicted, events: list) -> dict[int, float]:
     """Per device, the trace's error in % against the lowest peak of the run's steady
     sampled steps (step 2 on, once the optimizer's state exists): the trace lays out one
     such step.  Not the highest: in about 2 of 80 tensor-parallel runs on a loaded machine
-    one device's step 3 held one activation-sized block more (cause not found; the other
-    steps and the trace agreed to the byte), and a 0.5% check must not depend on that."""
+    one device's step 3 held one activation-sized block more (the other steps and the trace
+    agreed to the byte).  A plain-torch harness on two gloo ranks shows it too, so it is
+    torch's timing (most likely when gloo finishes an all-reduce on its own thread), not
+    paralab's count, and a 0.5% check must not depend on it."""
     steady: dict[int, int] = {}
     for e in events:
         if isinstance(e, MemorySample) and e.step >= 2:
