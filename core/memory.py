@@ -208,13 +208,9 @@ class MemoryLedger:
               keep_activation: bool = False, host: bool = False) -> None:
         """Count t's storage on `device` (or in its host memory) from now, if not counted
         yet, as `kind`."""
-        if t is None or (s := storage_of(t)) is None:
+        block = self._counted(t, device, kind, host)
+        if block is None:
             return
-        got = self._live.get(id(s))
-        if got is None:
-            self.allocated(s, device, kind, host=host)
-            return
-        block = got[1]
         if kind is not None and not (keep_activation and block.kind == "activations"):
             block.kind = kind
         if block.device != device:  # made while another device was at work (a batch, a copy)
@@ -225,18 +221,23 @@ class MemoryLedger:
 
     def to_host(self, t: torch.Tensor | None, device: int) -> None:
         """t's storage leaves `device` for its host memory (CPU offload's copy to the host)."""
-        if not self.recording_allocations or t is None or (s := storage_of(t)) is None:
-            return
-        got = self._live.get(id(s))
-        if got is None:
-            self.allocated(s, device, None, host=True)
-            return
-        block = got[1]
-        if block.host_from is None:
+        block = self._counted(t, device, None, True) if self.recording_allocations else None
+        if block is not None and block.host_from is None:
             self._seq += 1
             block.host_from = self._seq
             self._total[block.device] -= block.nbytes
             self._add_host(block)
+
+    def _counted(self, t: torch.Tensor | None, device: int, kind: str | None, host: bool) -> _Block | None:
+        """The block of t's storage if it is counted already; otherwise (a storage no
+        operation made) it is counted from now, as `kind`, and there is no block to update."""
+        if t is None or (s := storage_of(t)) is None:
+            return None
+        got = self._live.get(id(s))
+        if got is None:
+            self.allocated(s, device, kind, host=host)
+            return None
+        return got[1]
 
     def allocated(self, storage: torch.UntypedStorage, device: int | None = None, kind: str | None = None,
                   host: bool = False) -> None:
